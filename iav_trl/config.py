@@ -1,0 +1,111 @@
+"""`AlignmentHeadConfig`: what an alignment head is, and which base model it belongs to.
+
+The config plays the role `LoraConfig` plays for LoRA: build one, pass it to `get_iav_model`, and it is saved next to
+the head's weights as `alignment_head_config.json`, so an adapter can always be matched against the model it is
+loaded onto.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .io import atomic_write_text, resolve_adapter_file
+
+CONFIG_NAME = "alignment_head_config.json"
+
+
+@dataclass
+class AlignmentHeadConfig:
+    """
+    Configuration of an alignment head (see `iav_trl.layer.AlignmentHead` for the math).
+
+    Parameters that shape the head:
+        num_interventions (`int`, defaults to `8`):
+            Number of intervention heads `K`. Each proposes an update in the alignment subspace and a softmax
+            router mixes them per token. More heads let the head switch behaviour by context (e.g. refuse vs.
+            help); 4-16 is the useful range.
+        intervention_dim (`int`, defaults to `256`):
+            Dimension `r` of the alignment subspace each intervention head works in. It sets the capacity:
+            the head has `2*d*r + K*(r+1)**2` parameters for hidden size `d` (2.6M for a 7B Llama,
+            0.04% of it). Lower it for very small models.
+        dropout (`float`, defaults to `0.0`):
+            Dropout on the subspace projection during training. Raise it (0.05-0.1) when the preference data is
+            small and the head overfits.
+        default_alpha (`float`, defaults to `1.0`):
+            Strength used when `forward`/`generate` get `alpha=None`. 1.0 is what training targets; ship another
+            value if you want users to get a lighter or stronger default.
+
+    Parameters that record the base model (filled in by `get_iav_model`, checked on load):
+        base_model_name_or_path (`str`, *optional*):
+            Hub id or path of the base model the head was built for.
+        revision (`str`, *optional*):
+            Revision of that base model.
+        hidden_size (`int`, *optional*):
+            Hidden size `d` of the base model. Loading onto a model of another hidden size is refused.
+        vocab_size (`int`, *optional*):
+            Vocabulary size of the base model's output embeddings. Loading onto another vocabulary is refused.
+        model_type (`str`, *optional*):
+            `config.model_type` of the base model, for the model card and diagnostics.
+        inference_mode (`bool`, defaults to `False`):
+            Set when the head is loaded for inference (`is_trainable=False`): its parameters are frozen.
+    """
+
+    num_interventions: int = field(default=8, metadata={"help": "Number of intervention heads K."})
+    intervention_dim: int = field(default=256, metadata={"help": "Dimension r of the alignment subspace."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the subspace projection during training."})
+    default_alpha: float = field(default=1.0, metadata={"help": "Alignment strength used when alpha is None."})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id or path."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Hidden size of the base model."})
+    vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary size of the base model."})
+    model_type: str | None = field(default=None, metadata={"help": "`model_type` of the base model."})
+    inference_mode: bool = field(default=False, metadata={"help": "Whether the head is frozen for inference."})
+
+    def __post_init__(self) -> None:
+        for name in ("num_interventions", "intervention_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+        if not math.isfinite(self.default_alpha):
+            raise ValueError(f"`default_alpha` must be a finite float, got {self.default_alpha!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `alignment_head_config.json` into `save_directory` (created if needed), atomically."""
+        os.makedirs(save_directory, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AlignmentHeadConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown fields {unknown} in an alignment head config. Known fields: {sorted(known)}. The adapter "
+                "was probably written by a newer iav-trl: upgrade with `pip install -U iav-trl`."
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
+    ) -> AlignmentHeadConfig:
+        """Read the config from a local directory or a Hub repo id (`revision`, `token`, ... go to the Hub)."""
+        path = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON ({err}); the adapter config is corrupt.") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+        return cls.from_dict(data)

@@ -1,0 +1,594 @@
+"""`IAVModel`: a causal LM with one or more alignment heads, and `get_iav_model` to build one.
+
+The base model is left as it is. Two hooks connect the heads to it:
+
+- a forward pre-hook on the output embeddings (`lm_head`) sees the final hidden states `h` of every forward,
+  including those `transformers.generate` makes, and - for models whose logit readout is linear - replaces them
+  with `h + sum_i alpha_i delta_i(h)`, so `z_final = z_base + sum_i alpha_i a_t^(i)` costs one vocabulary
+  projection;
+- a forward hook on the model adds `sum_i alpha_i a_t^(i)` to the logits when the readout is soft-capped (Gemma-2/3),
+  or when the caller asked for `z_base` and `a_t` separately.
+
+Outside `IAVModel.forward` / `IAVModel.generate` (and inside `disable_alignment()`), the hooks do nothing: the base
+model is exactly itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .alpha import AlphaLike, resolve_alpha
+from .config import CONFIG_NAME, AlignmentHeadConfig
+from .fused import fused_token_stats
+from .io import atomic_write, atomic_write_text, check_adapter_name, resolve_adapter_file
+from .layer import AlignmentHead
+from .model_card import build_model_card
+from .readout import LogitReadout
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "alignment_head.safetensors"
+HEADS_PREFIX = "alignment_heads."
+
+
+@dataclasses.dataclass
+class _Call:
+    """What the hooks apply during one `forward`/`generate` call."""
+
+    strengths: dict[str, float | torch.Tensor]
+    decompose: bool  # keep z_base and add the alignment after the model's own logits
+    hidden: torch.Tensor | None = None
+    base_logits: torch.Tensor | None = None
+    alignment_logits: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class IAVFusedOutput(ModelOutput):
+    """
+    Output of `IAVModel.forward(..., labels=labels, fused_lm_head=True)`: per-token statistics of the next-token
+    labels (shape `(batch, seq_len - 1)`, zero where the label is -100) without materialising the logits. The
+    fields follow TRL's fused LM head (`log_probs`, `entropy`, `mean_logits`, `is_top1`, `log_sum_sq_probs`,
+    `label_mask`), plus the reference log-probs and the IAV regularisers (see `iav_trl.fused`).
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    l2: torch.Tensor | None = None
+    alignment_norm: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def _unwrap_peft(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and not isinstance(model, PreTrainedModel) else model
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+class IAVModel(nn.Module):
+    """
+    A causal LM with alignment heads: `z_final = z_base + sum_i alpha_i a_t^(i)` (see `iav_trl.alpha`).
+
+    Build one with `get_iav_model(model, AlignmentHeadConfig(...))` or load a saved head with
+    `IAVModel.from_pretrained(model, "path/or/repo")`. Attributes it does not define (e.g. `config`,
+    `generation_config`, `device`) are those of the base model.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: AlignmentHeadConfig,
+        adapter_name: str = "default",
+        freeze_backbone: bool = True,
+    ):
+        super().__init__()
+        causal_lm = _unwrap_peft(model)
+        if not isinstance(causal_lm, PreTrainedModel) or causal_lm.get_output_embeddings() is None:
+            raise TypeError(
+                f"IAVModel needs a transformers causal LM with output embeddings (an `AutoModelForCausalLM`), got "
+                f"{type(model).__name__}."
+            )
+        self.base_model = model
+        self.alignment_heads = nn.ModuleDict()
+        self.iav_config: dict[str, AlignmentHeadConfig] = {}
+        self.readout = LogitReadout.from_config(causal_lm.config)
+        self._adapter_weights: dict[str, float] = {}
+        self._alignment_enabled = True
+        self._call: _Call | None = None
+        if freeze_backbone:
+            model.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        causal_lm.get_output_embeddings().register_forward_pre_hook(self._lm_head_pre_hook)
+        causal_lm.register_forward_hook(self._model_hook)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Attribute access: behave like the base model for everything IAV does not define.
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> PreTrainedModel:
+        """The transformers model underneath (without PEFT wrappers); calling it gives exactly the base model."""
+        return _unwrap_peft(self.base_model)
+
+    @property
+    def output_embeddings(self) -> nn.Module:
+        return self.get_base_model().get_output_embeddings()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Adapters
+
+    def add_adapter(self, adapter_name: str, config: AlignmentHeadConfig) -> None:
+        """Attach a new, zero-initialised head `adapter_name` (it starts at `a_t == 0`) and make it active."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.alignment_heads:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; loaded: {self.adapter_names}.")
+        config = self._bind_config(config)
+        weight = self.output_embeddings.weight
+        head_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if not weight.dtype.is_floating_point:
+            head_dtype = torch.float32
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        head = AlignmentHead(config.hidden_size, config.num_interventions, config.intervention_dim, config.dropout)
+        head.to(device=device, dtype=head_dtype)
+        head.requires_grad_(not config.inference_mode)
+        if config.inference_mode:
+            head.eval()
+        self.alignment_heads[adapter_name] = head
+        self.iav_config[adapter_name] = config
+        if not self._adapter_weights:
+            self._adapter_weights = {adapter_name: 1.0}
+
+    def _bind_config(self, config: AlignmentHeadConfig) -> AlignmentHeadConfig:
+        """Fill in the base model's shapes, refusing a config made for different ones."""
+        causal_lm = self.get_base_model()
+        vocab_size, hidden_size = self.output_embeddings.weight.shape[-2:]
+        if hasattr(self.output_embeddings.weight, "ds_shape"):  # DeepSpeed ZeRO-3 partitioned weight
+            vocab_size, hidden_size = self.output_embeddings.weight.ds_shape
+        name = getattr(causal_lm.config, "_name_or_path", None) or None
+        for field, actual in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
+            expected = getattr(config, field)
+            if expected is not None and expected != actual:
+                raise ValueError(
+                    f"This alignment head was built for a base model with {field}={expected} "
+                    f"({config.base_model_name_or_path or 'unknown base'}), but the model it is loaded onto has "
+                    f"{field}={actual} ({name or type(causal_lm).__name__}). Load it onto the base model it was "
+                    "trained for."
+                )
+        if config.base_model_name_or_path and name and config.base_model_name_or_path != name:
+            logger.warning(
+                "The alignment head was trained on %r but is loaded onto %r. Shapes match, so it loads; check that "
+                "the two are the same model.",
+                config.base_model_name_or_path,
+                name,
+            )
+        return dataclasses.replace(
+            config,
+            base_model_name_or_path=config.base_model_name_or_path or name,
+            hidden_size=int(hidden_size),
+            vocab_size=int(vocab_size),
+            model_type=config.model_type or causal_lm.config.model_type,
+        )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known([adapter_name])
+        del self.alignment_heads[adapter_name]
+        del self.iav_config[adapter_name]
+        self._adapter_weights.pop(adapter_name, None)
+        if not self._adapter_weights and self.adapter_names:
+            self._adapter_weights = {self.adapter_names[0]: 1.0}
+
+    def set_adapter(self, adapters: str | Sequence[str] | Mapping[str, float]) -> None:
+        """
+        Choose the active heads: a name, a list of names (weight 1 each) or `{name: weight}`. With `alpha` a float
+        or per-row values, head `i` then contributes `alpha * weight_i * a_t^(i)`.
+        """
+        if isinstance(adapters, str):
+            adapters = {adapters: 1.0}
+        elif not isinstance(adapters, Mapping):
+            adapters = {name: 1.0 for name in adapters}
+        self._check_known(adapters)
+        for name, weight in adapters.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"The weight of adapter {name!r} must be a finite float, got {weight!r}.")
+        if not adapters:
+            raise ValueError(f"`set_adapter` needs at least one adapter; loaded: {self.adapter_names}.")
+        self._adapter_weights = {name: float(weight) for name, weight in adapters.items()}
+
+    def _check_known(self, names) -> None:
+        unknown = [name for name in names if name not in self.alignment_heads]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; loaded adapters are {self.adapter_names}.")
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.alignment_heads.keys())
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._adapter_weights)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    @property
+    def adapter_weights(self) -> dict[str, float]:
+        return dict(self._adapter_weights)
+
+    @contextlib.contextmanager
+    def disable_alignment(self) -> Iterator[None]:
+        """Inside this context the model is exactly the base model (`z_final = z_base`)."""
+        previous = self._alignment_enabled
+        self._alignment_enabled = False
+        try:
+            yield
+        finally:
+            self._alignment_enabled = previous
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The hooks
+
+    def _offset(self, hidden: torch.Tensor, strengths: Mapping[str, float | torch.Tensor]) -> torch.Tensor:
+        """`sum_i alpha_i delta_i(h)` in the dtype of `h`; per-row alphas broadcast over positions."""
+        total = None
+        for name, strength in strengths.items():
+            head = self.alignment_heads[name]
+            delta = head(hidden.to(head.write.weight.dtype))
+            if isinstance(strength, torch.Tensor):
+                strength = _rows(strength, hidden).to(delta.dtype)
+            delta = delta * strength
+            total = delta if total is None else total + delta
+        return total.to(hidden.dtype)
+
+    def _lm_head_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        call = self._call
+        if call is None or not self._alignment_enabled or not call.strengths:
+            return None
+        hidden = args[0]
+        if call.decompose or not self.readout.is_linear:
+            call.hidden = hidden
+            return None
+        return (hidden + self._offset(hidden, call.strengths), *args[1:])
+
+    def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        call = self._call
+        if call is None or call.hidden is None:
+            return output
+        hidden, call.hidden = call.hidden, None
+        weight = self.output_embeddings.weight
+        alignment = self.readout.alignment_logits(self._offset(hidden, call.strengths).to(weight.dtype), weight)
+        alignment = alignment.to(output.logits.dtype)
+        if call.decompose:
+            call.base_logits = output.logits
+            call.alignment_logits = alignment
+        output.logits = output.logits + alignment
+        return output
+
+    @contextlib.contextmanager
+    def _applying(self, strengths: dict[str, float | torch.Tensor], decompose: bool = False) -> Iterator[_Call]:
+        previous, self._call = self._call, _Call(strengths=strengths, decompose=decompose)
+        try:
+            yield self._call
+        finally:
+            self._call = previous
+
+    def _strengths(self, alpha: AlphaLike, batch_size: int | None) -> dict[str, float | torch.Tensor]:
+        if not self._alignment_enabled:
+            return {}
+        defaults = {name: cfg.default_alpha for name, cfg in self.iav_config.items()}
+        return resolve_alpha(alpha, self._adapter_weights, defaults, batch_size)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Forward and generate
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        alpha: AlphaLike = None,
+        return_alignment: bool = False,
+        fused_lm_head: bool = False,
+        **kwargs: Any,
+    ) -> ModelOutput:
+        """
+        The base model's forward with `logits = z_final = z_base + alpha * a_t`.
+
+        Args:
+            alpha: strength, see `iav_trl.alpha` (a float, one value per row, `{adapter: value}`, or `None` for
+                each adapter's `default_alpha`).
+            return_alignment: also return `base_logits` (`z_base`) and `alignment_logits`
+                (`sum_i alpha_i a_t^(i)`, so that `logits == base_logits + alignment_logits`).
+            fused_lm_head: with `labels`, return an `IAVFusedOutput` of per-token statistics instead of logits
+                (TRL's fused LM head protocol; used by `IAVTrainer`).
+            labels: next-token labels (-100 = ignored); the loss is the model's own causal-LM loss on `z_final`.
+        """
+        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        batch_size = None if reference is None else reference.shape[0]
+        strengths = self._strengths(alpha, batch_size)
+        if fused_lm_head:
+            if labels is None:
+                raise ValueError("`fused_lm_head=True` needs `labels` (the next-token targets, -100 = ignored).")
+            return self._fused_forward(input_ids, attention_mask, labels, strengths, **kwargs)
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
+        with self._applying(strengths, decompose=return_alignment) as call:
+            outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if return_alignment:
+            outputs["base_logits"] = outputs.logits if call.base_logits is None else call.base_logits
+            outputs["alignment_logits"] = (
+                torch.zeros_like(outputs.logits) if call.alignment_logits is None else call.alignment_logits
+            )
+        if labels is not None:
+            causal_lm = self.get_base_model()
+            outputs["loss"] = causal_lm.loss_function(
+                logits=outputs.logits, labels=labels, vocab_size=outputs.logits.shape[-1], **loss_kwargs
+            )
+        return outputs
+
+    def _fused_forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor,
+        strengths: dict[str, float | torch.Tensor],
+        **kwargs: Any,
+    ) -> IAVFusedOutput:
+        """One backbone pass, then the chunked statistics of `iav_trl.fused` on the scored positions."""
+        kwargs["use_cache"] = False
+        kwargs.pop("num_items_in_batch", None)
+        causal_lm = self.get_base_model()
+        backbone_trainable = any(p.requires_grad for p in self.base_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trainable):
+            hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden = hidden.last_hidden_state
+        ref_hidden = None
+        if _is_peft(self.base_model):
+            # The reference is the untouched base model: PEFT adapters off, no alignment.
+            with torch.no_grad(), self.base_model.disable_adapter():
+                ref_hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                ref_hidden = ref_hidden.last_hidden_state[:, :-1]
+        labels = labels[:, 1:].to(hidden.device)
+        mask = labels != -100
+        scored = hidden[:, :-1][mask]  # (N, d)
+        if strengths:
+            rows = mask.nonzero()[:, 0]
+            token_strengths = {
+                name: s[rows.to(s.device)] if isinstance(s, torch.Tensor) else s for name, s in strengths.items()
+            }
+            delta = self._offset(scored, token_strengths)
+        else:
+            delta = torch.zeros_like(scored)
+        lm_head = self.output_embeddings
+        stats = fused_token_stats(
+            self.readout,
+            lm_head.weight,
+            lm_head.bias if isinstance(getattr(lm_head, "bias", None), torch.Tensor) else None,
+            scored,
+            delta,
+            labels[mask],
+            ref_hidden=None if ref_hidden is None else ref_hidden[mask],
+        )
+        # `masked_scatter` keeps an all-masked micro-batch connected to the graph (a differentiable zero).
+        per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in stats.items()}
+        loss = -per_token["log_probs"].sum() / mask.sum().clamp(min=1)
+        return IAVFusedOutput(loss=loss, label_mask=mask, **per_token)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, alpha: AlphaLike = None, **kwargs: Any) -> Any:
+        """`transformers`' own `generate` (greedy, sampling, beams, streamers, ...) decoding `z_final`."""
+        reference = kwargs.get("input_ids", args[0] if args else None)
+        if reference is None:
+            reference = kwargs.get("inputs_embeds")
+        batch_size = 1 if reference is None else reference.shape[0]
+        strengths = self._strengths(alpha, batch_size)
+        device = self.output_embeddings.weight.device
+        strengths = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in strengths.items()}
+        with self._applying(strengths):
+            return self.base_model.generate(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Parameters
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Saving and loading
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: Sequence[str] | None = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        datasets: Sequence[str] = (),
+        training_summary: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Write the heads only (never backbone weights): `alignment_head_config.json`, `alignment_head.safetensors`
+        and a model card `README.md`. The `default` adapter goes to `save_directory`, any other to
+        `save_directory/<name>/` (PEFT's layout). `state_dict` (keys `alignment_heads.<name>.*`, e.g. gathered
+        under DeepSpeed ZeRO-3) overrides the live parameters. Each file is written atomically.
+        """
+        if not is_main_process:
+            return
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("iav-trl saves adapters as safetensors only; drop `safe_serialization=False`.")
+        names = list(selected_adapters) if selected_adapters is not None else self.adapter_names
+        self._check_known(names)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; `save_pretrained` needs a directory.")
+        for name in names:
+            directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(directory, exist_ok=True)
+            tensors = self._head_state_dict(name, state_dict)
+            metadata = {"format": "pt", "adapter_name": name}
+            atomic_write(
+                os.path.join(directory, WEIGHTS_NAME), lambda path, t=tensors: save_file(t, path, metadata=metadata)
+            )
+            self.iav_config[name].save_pretrained(directory)
+        card = build_model_card(
+            {name: self.iav_config[name] for name in names}, datasets=datasets, training_summary=training_summary
+        )
+        atomic_write_text(os.path.join(save_directory, "README.md"), card)
+
+    def _head_state_dict(self, name: str, state_dict: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if state_dict is None:
+            source = self.alignment_heads[name].state_dict()
+        else:
+            prefix = f"{HEADS_PREFIX}{name}."
+            source = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        return {key: value.detach().to("cpu").contiguous() for key, value in source.items()}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: PreTrainedModel | str,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        subfolder: str | None = None,
+        **hub_kwargs: Any,
+    ) -> IAVModel:
+        """
+        Load a saved head onto `model` (a causal LM, or its id/path). With `is_trainable=False` (the default) the
+        head is frozen for inference. `revision`, `token`, `cache_dir`, ... are passed to the Hub download.
+        """
+        if isinstance(model, (str, os.PathLike)):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        config = AlignmentHeadConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        iav_model = cls(model, config, adapter_name=adapter_name)
+        iav_model._load_head_weights(adapter_name, model_id, subfolder, hub_kwargs)
+        return iav_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        subfolder: str | None = None,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Load another saved head under `adapter_name` (it is not activated: see `set_adapter`)."""
+        config = AlignmentHeadConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+        active = self.adapter_weights
+        self.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=not is_trainable))
+        try:
+            self._load_head_weights(adapter_name, model_id, subfolder, hub_kwargs)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self._adapter_weights = active
+
+    def _load_head_weights(
+        self, adapter_name: str, model_id: str | os.PathLike, subfolder: str | None, hub_kwargs: Mapping[str, Any]
+    ) -> None:
+        path = resolve_adapter_file(model_id, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is corrupt or truncated and cannot be loaded ({err}). Re-save the adapter.") from err
+        head = self.alignment_heads[adapter_name]
+        expected = head.state_dict()
+        if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
+            found = {k: tuple(v.shape) for k, v in tensors.items()}
+            wanted = {k: tuple(v.shape) for k, v in expected.items()}
+            raise ValueError(f"{path} does not match its config: tensors {found}, expected {wanted}.")
+        head.load_state_dict(tensors)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload alignment head",
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the heads (and model card) to a temporary directory and upload it to `repo_id`, like PEFT."""
+        from huggingface_hub import HfApi
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo_id)
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, **save_kwargs)
+            card_path = os.path.join(tmp, "README.md")
+            with open(card_path, encoding="utf-8") as fh:
+                card = fh.read().replace("this adapter", repo_id, 1).replace("path/to/adapter", repo_id)
+            atomic_write_text(card_path, card)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def _rows(strength: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Per-row strengths `(B,)` shaped to broadcast over `hidden` `(B', ..., d)`; `generate` expands rows
+    (beams, `num_return_sequences`) by repeating each one in place, so `B'` may be a multiple of `B`."""
+    batch = hidden.shape[0]
+    if strength.shape[0] != batch:
+        if batch % strength.shape[0] != 0:
+            raise ValueError(f"alpha has {strength.shape[0]} values but the model sees {batch} rows.")
+        strength = strength.repeat_interleave(batch // strength.shape[0])
+    return strength.to(hidden.device).view(batch, *([1] * (hidden.dim() - 1)))
+
+
+def get_iav_model(
+    model: PreTrainedModel,
+    config: AlignmentHeadConfig | None = None,
+    adapter_name: str = "default",
+    freeze_backbone: bool = True,
+) -> IAVModel:
+    """Attach an alignment head to a causal LM (any `AutoModelForCausalLM`, or a PEFT-wrapped one)."""
+    return IAVModel(model, config or AlignmentHeadConfig(), adapter_name=adapter_name, freeze_backbone=freeze_backbone)
+
+
+__all__ = ["CONFIG_NAME", "IAVFusedOutput", "IAVModel", "WEIGHTS_NAME", "get_iav_model"]
