@@ -6,6 +6,9 @@ test time.
 
 from .alpha import ALPHA_GUIDE
 from .config import AlignmentHeadConfig
+from .data import build_dataset_mixture, detect_schema, load_preference_dataset, parse_hh_dialogue
+from .iav_config import IAVConfig
+from .iav_trainer import IAVTrainer
 from .layer import AlignmentHead
 from .model import IAVFusedOutput, IAVModel, get_iav_model
 from .readout import LogitReadout
@@ -16,9 +19,15 @@ __all__ = [
     "ALPHA_GUIDE",
     "AlignmentHead",
     "AlignmentHeadConfig",
+    "IAVConfig",
     "IAVFusedOutput",
     "IAVModel",
+    "IAVTrainer",
     "LogitReadout",
     "__version__",
+    "build_dataset_mixture",
+    "detect_schema",
     "get_iav_model",
+    "load_preference_dataset",
+    "parse_hh_dialogue",
 ]

@@ -85,7 +85,7 @@ def _chunk_stats(
         entropy = -(p_final * logp_final).sum(-1)
         alignment_norm = a.norm(dim=-1)
         mean_logits = z_final.mean(-1)
-        is_top1 = (z_final.argmax(-1) == labels).float()
+        is_top1 = z_final.argmax(-1) == labels
         log_sum_sq_probs = torch.logsumexp(2 * logp_final, dim=-1)
     return log_probs, ref_log_probs, kl, l2, alignment_norm, entropy, mean_logits, is_top1, log_sum_sq_probs
 

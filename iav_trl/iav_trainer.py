@@ -1,0 +1,277 @@
+"""`IAVTrainer`: `trl.DPOTrainer` that trains an alignment head, taking its reference from the same forward pass."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from peft import PeftConfig, get_peft_model
+from transformers import PreTrainedModel
+from transformers.trainer import TRAINING_ARGS_NAME
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import create_model_from_path
+
+from .config import AlignmentHeadConfig
+from .iav_config import IAVConfig
+from .model import IAVModel, _is_peft
+from .model_card import build_model_card
+
+BACKBONE_DIR = "backbone"
+
+# The IAV settings a plain `DPOConfig` lacks are read with `IAVConfig`'s defaults.
+_IAV_DEFAULTS = {f.name: f.default for f in dataclasses.fields(IAVConfig) if f.name not in DPOConfig.__dataclass_fields__}
+
+
+class _InputsWithReference(dict):
+    """The batch, whose `ref_chosen_logps`/`ref_rejected_logps` are computed on first access by `compute`."""
+
+    def __init__(self, inputs: dict, compute):
+        super().__init__(inputs)
+        self._compute = compute
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        if key not in ("ref_chosen_logps", "ref_rejected_logps"):
+            raise KeyError(key)
+        self["ref_chosen_logps"], self["ref_rejected_logps"] = self._compute()
+        return self[key]
+
+
+class IAVTrainer(DPOTrainer):
+    r"""
+    Trainer for Inherent Alignment Vectors: a drop-in `trl.DPOTrainer` (same constructor, datasets, loss types,
+    callbacks, logging, checkpoints) that trains an alignment head on a frozen causal LM.
+
+    `model` may be a model id, a `PreTrainedModel` (a head is attached from `peft_config=AlignmentHeadConfig(...)`, or
+    from `args`), a PEFT-wrapped model (the head is added on top) or an `IAVModel`. `peft_config` may also be a
+    `peft.LoraConfig`, which puts LoRA on the backbone next to the head.
+
+    For a batch of `B` pairs with completion masks `m` (shape `(2B, T-1)`, chosen rows then rejected rows), one
+    forward pass gives, at every completion position `t`, `z_base` and the applied alignment `alpha * a_t`
+    (`(tokens, V)`, in chunks, see `iav_trl.fused`), and
+
+        log pi(y)     = sum_t m_t log softmax(z_base + alpha a_t)_{y_t}          policy (grad through the head)
+        log pi_ref(y) = sum_t m_t log softmax(z_base)_{y_t}                      reference (same pass, no grad)
+        L_pref = DPOTrainer's loss for `loss_type` (sigmoid: -log sigmoid(beta [(log pi - log pi_ref)(y_w)
+                 - (log pi - log pi_ref)(y_l)]), averaged over pairs)
+        L_KL   = sum_{t} m_t KL(softmax(z_base + alpha a_t) || softmax(z_base)) / sum_t m_t
+        L_L2   = sum_{t} m_t (1/V) ||alpha a_t||_2^2 / sum_t m_t
+        L      = L_pref + lambda_kl L_KL + lambda_l2 L_L2
+
+    With an explicit `ref_model`, or `freeze_backbone=False` without PEFT (the untouched copy of the backbone is then
+    the reference), the reference log-probs come from that model, as in DPO. With LoRA on the backbone they come from
+    the base model with the LoRA adapters disabled and alpha 0 (a second, gradient-free backbone pass).
+    """
+
+    _tag_names = ["trl", "dpo", "iav-trl", "alignment-head"]
+    _name = "IAV"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | IAVModel,
+        ref_model: PreTrainedModel | None = None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config: AlignmentHeadConfig | PeftConfig | None = None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = IAVConfig(f"{(model_name or 'model').split('/')[-1]}-IAV")
+        self._iav = SimpleNamespace(**{name: getattr(args, name, default) for name, default in _IAV_DEFAULTS.items()})
+        if isinstance(model, str):
+            model_init_kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                model_init_kwargs["quantization_config"] = quantization_config
+            model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            model = create_model_from_path(model, **model_init_kwargs)
+            quantization_config = None
+            args.model_init_kwargs = None
+        model = self._attach_head(model, peft_config)
+        unwrapped = model
+        trainable_backbone = any(p.requires_grad for p in unwrapped.base_model.parameters())
+        if trainable_backbone and not _is_peft(unwrapped.base_model) and ref_model is None:
+            # Full fine-tuning: the reference is a frozen copy of the backbone as it was before training.
+            ref_model = copy.deepcopy(unwrapped.get_base_model()).requires_grad_(False).eval()
+        self._reference_in_policy_pass = ref_model is None
+        if self._reference_in_policy_pass and args.sync_ref_model:
+            raise ValueError(
+                "`sync_ref_model=True` needs a reference model, but IAV's reference is the frozen base (z_base of "
+                "the same forward pass). Set `sync_ref_model=False`, or pass a `ref_model`."
+            )
+
+        # DPOTrainer builds a reference model unless it is told the reference log-probs are precomputed. IAV
+        # computes them in the policy's own pass, so it sets that flag while the parent initialises and makes the
+        # precomputation a no-op (see `_precompute_ref_logps`).
+        user_precompute = args.precompute_ref_log_probs
+        if self._reference_in_policy_pass:
+            args.precompute_ref_log_probs = True
+        try:
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+            )
+        finally:
+            args.precompute_ref_log_probs = user_precompute
+        if self._reference_in_policy_pass:
+            self.precompute_ref_logps = False
+        # DPOTrainer patches `forward` with TRL's fused LM head, which knows nothing of the head; IAVModel has its own.
+        vars(self.model).pop("forward", None)
+        # `disable_dropout` is about noisy log-ratios of the backbone; the head's dropout is a regulariser.
+        for name, head in self.model.alignment_heads.items():
+            head.dropout.p = self.model.iav_config[name].dropout
+        if not trainable_backbone:
+            self.aux_loss_enabled = False  # a frozen MoE router needs no load-balancing loss
+
+    def _attach_head(self, model, peft_config) -> IAVModel:
+        head_config = AlignmentHeadConfig(
+            num_interventions=self._iav.num_interventions,
+            intervention_dim=self._iav.intervention_dim,
+            dropout=self._iav.head_dropout,
+        )
+        if isinstance(model, IAVModel):
+            if peft_config is not None:
+                raise ValueError(
+                    "You passed an `IAVModel` together with a `peft_config`. The model already has its alignment "
+                    "head(s): drop `peft_config`, or pass the base model instead."
+                )
+            return model
+        if isinstance(peft_config, AlignmentHeadConfig):
+            head_config = peft_config
+        elif isinstance(peft_config, PeftConfig):
+            if peft_config.is_prompt_learning:
+                raise ValueError(
+                    f"A {type(peft_config).__name__} cannot be combined with an alignment head: prompt learning "
+                    "prepends virtual tokens, so the head's positions no longer match the labels. Use a "
+                    "`peft.LoraConfig` (or another adapter-type config) for the backbone, or no `peft_config`."
+                )
+            model = get_peft_model(model, peft_config)
+        elif peft_config is not None:
+            raise TypeError(
+                f"`peft_config` must be an `AlignmentHeadConfig` or a `peft.PeftConfig`, got {type(peft_config).__name__}."
+            )
+        # With PEFT, the wrapper has already frozen what LoRA does not train.
+        freeze = self._iav.freeze_backbone and not _is_peft(model)
+        return IAVModel(model, head_config, freeze_backbone=freeze)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self._reference_in_policy_pass:
+            return dataset  # the reference log-probs come from each step's own forward pass
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`L_pref` from `DPOTrainer`, plus `lambda_kl * L_KL + lambda_l2 * L_L2` (see the class docstring)."""
+        mode = "train" if self.model.training else "eval"
+        fused_outputs = []
+
+        def policy(*args, **kwargs):
+            kwargs.setdefault("alpha", self._iav.alpha)
+            outputs = model(*args, **kwargs)
+            if kwargs.get("fused_lm_head"):
+                fused_outputs.append(outputs)
+            return outputs
+
+        if self._reference_in_policy_pass:
+            reference = lambda **kwargs: SimpleNamespace(log_probs=fused_outputs[-1].ref_log_probs)  # noqa: E731
+            inputs = _InputsWithReference(inputs, lambda: self.compute_ref_log_probs(reference, inputs))
+            self.precompute_ref_logps = True
+        try:
+            result = super().compute_loss(policy, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.precompute_ref_logps = False
+        pref_loss, outputs = result if return_outputs else (result, None)
+
+        fused = fused_outputs[-1]
+        mask = fused.label_mask
+        count = mask.sum().clamp(min=1)
+        kl = (fused.kl * mask).sum() / count
+        l2 = (fused.l2 * mask).sum() / count
+        loss = pref_loss + self._iav.lambda_kl * kl + self._iav.lambda_l2 * l2
+
+        gather = self.accelerator.gather_for_metrics
+        norm = (fused.alignment_norm * mask).sum() / count
+        for key, value in (("pref_loss", pref_loss), ("kl", kl), ("l2", l2), ("alignment_norm", norm)):
+            self._metrics[mode][f"iav/{key}"].append(gather(value.detach()).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Saving and loading: the heads (and a trained backbone or its LoRA adapters), never a frozen backbone.
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(output_dir, state_dict=state_dict, datasets=self._dataset_names())
+        if any(p.requires_grad for p in model.base_model.parameters()):
+            backbone_state = None
+            if state_dict is not None:
+                prefix = "base_model."
+                backbone_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            model.base_model.save_pretrained(os.path.join(output_dir, BACKBONE_DIR), state_dict=backbone_state)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        for name in model.adapter_names:
+            model._load_head_weights(name, resume_from_checkpoint, None if name == "default" else name, {})
+        backbone_dir = os.path.join(resume_from_checkpoint, BACKBONE_DIR)
+        if os.path.isdir(backbone_dir):
+            if _is_peft(model.base_model):
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                weights = load_file(os.path.join(backbone_dir, "adapter_model.safetensors"))
+                set_peft_model_state_dict(model.base_model, weights)
+            else:
+                from safetensors.torch import load_file
+
+                weights = load_file(os.path.join(backbone_dir, "model.safetensors"))
+                model.base_model.load_state_dict(weights, strict=False)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _dataset_names(self) -> list[str]:
+        name = getattr(self.args, "dataset_name", None)
+        return [name] if name else []
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
+        """The adapter's model card (Hub metadata, alpha guide, how to load), with this run's settings."""
+        if not self.is_world_process_zero():
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        a = self._iav
+        summary = (
+            f"Trained with `IAVTrainer` (loss types {self.loss_types}, beta {self.beta}, alpha {a.alpha}, "
+            f"lambda_kl {a.lambda_kl}, lambda_l2 {a.lambda_l2}, learning rate {self.args.learning_rate}, "
+            f"{self.state.global_step} steps)."
+        )
+        datasets = [dataset_name] if dataset_name else self._dataset_names()
+        card = build_model_card(model.iav_config, self.args.hub_model_id, datasets=datasets, training_summary=summary)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as fh:
+            fh.write(card)
