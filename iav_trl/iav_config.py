@@ -79,8 +79,8 @@ class IAVConfig(DPOConfig):
                 f"`alpha` must be finite and non-zero during training (the head gets no gradient at 0), got "
                 f"{self.alpha}. Use 1.0, the standard strength."
             )
-        super().__post_init__()
         self.alignment_head_config()  # validates num_interventions, intervention_dim and head_dropout
+        super().__post_init__()
 
     def alignment_head_config(self) -> AlignmentHeadConfig:
         """The `AlignmentHeadConfig` these fields describe."""

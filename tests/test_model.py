@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import randomize_heads, reference_alignment
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -18,23 +18,6 @@ SMALL_HEAD = AlignmentHeadConfig(num_interventions=3, intervention_dim=8)
 # Logit scale / soft-cap of the tiny families, written out here (not read through iav_trl.readout).
 SCALE = {"cohere": 0.5}
 SOFTCAP = {"gemma2": 3.0}
-
-
-def randomize_heads(model: IAVModel, seed: int = 0, std: float = 0.5) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.alignment_heads.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
-
-
-def reference_alignment(head, hidden, unembedding, scale=1.0):
-    """a_t = s * W_U W_write sum_k softmax(W_route u + b)_k SiLU(A_k u + b_k), u = W_read h (plain PyTorch)."""
-    u = hidden @ head.read.weight.T
-    routing = torch.softmax(u @ head.route.weight.T + head.route.bias, dim=-1)
-    proposals = F.silu(u @ head.propose.weight.T + head.propose.bias)
-    proposals = proposals.view(*u.shape[:-1], head.num_interventions, head.intervention_dim)
-    mixed = (routing.unsqueeze(-1) * proposals).sum(-2)
-    return scale * (mixed @ head.write.weight.T) @ unembedding.T
 
 
 def final_hidden(base, input_ids):
