@@ -1,7 +1,8 @@
 """Decoding speed of IAV against the base model alone, side by side in one run.
 
 Greedy decoding with KV cache, batch 4, 64 new tokens, on a Llama of hidden 512 / 8 layers / vocab 32000 (random
-weights: speed does not depend on them). Variants are timed back to back in each round; speed is the median over rounds of the per-round ratio:
+weights: speed does not depend on them). Variants are timed back to back in each round;
+speed is the median over rounds of the per-round ratio:
 
 - `base`: the model alone;
 - `iav alpha=1`: the default alignment head (hidden-space offset read out through the frozen unembedding);

@@ -295,7 +295,10 @@ def main() -> None:
                 out = os.path.join(data_dir, f"{name}_{round_}.json")
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data-dir", data_dir]
                 cmd += ["--worker-out", out] + flags(args, SHAPE_FLAGS + TRAIN_FLAGS)
-                subprocess.run(cmd, check=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:  # show the worker's traceback, not just its exit status
+                    print(proc.stdout[-4000:] + proc.stderr[-8000:], file=sys.stderr)
+                    raise SystemExit(f"variant {name} failed (exit status {proc.returncode}) in round {round_ + 1}")
                 with open(out) as fh:
                     runs[name].append(json.load(fh))
                 row = runs[name][-1]
@@ -348,7 +351,7 @@ def main() -> None:
         f"tokens, {args.steps} steps after {args.warmup} warm-up, {args.rounds} rounds)"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, row in results["variants"].items():
+    for row in results["variants"].values():
         print(
             f"| {row['description']} | {row['trainable_params'] / 1e6:.2f}M | {row['median_step_s']:.3f} "
             f"| {fmt(row['step_ratio_vs_dpo_lora'])} | {fmt(row['step_ratio_vs_dpo_full'])} "
@@ -356,7 +359,10 @@ def main() -> None:
             f"| {fmt(row['memory_ratio_vs_dpo_full'])} | {row['abs_peak_mb']:.0f} |"
         )
     if not all(row["peak_reset"] for row in results["variants"].values()):
-        print("note: the peak-RSS mark could not be reset; train peak may include the construction peak (an upper bound).", file=sys.stderr)
+        print(
+            "note: the peak-RSS mark could not be reset; train peak may include the construction peak.",
+            file=sys.stderr,
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

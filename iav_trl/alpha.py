@@ -44,7 +44,9 @@ def _strength(value: AlphaValue, batch_size: int | None, where: str) -> float | 
     if tensor.dim() == 0:
         return _strength(tensor.item(), batch_size, where)
     if tensor.dim() != 1:
-        raise ValueError(f"{where} must be a float or a 1-D sequence (one value per row), got shape {tuple(tensor.shape)}.")
+        raise ValueError(
+            f"{where} must be a float or a 1-D sequence (one value per row), got shape {tuple(tensor.shape)}."
+        )
     if batch_size is not None and tensor.numel() != batch_size:
         raise ValueError(
             f"{where} has {tensor.numel()} values but the batch has {batch_size} rows: pass one value per row, "

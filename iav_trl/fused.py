@@ -120,4 +120,3 @@ def fused_token_stats(
         else:
             pieces.append(_chunk_stats(readout, weight, bias, *args))
     return {name: torch.cat([piece[i] for piece in pieces]) for i, name in enumerate(STAT_NAMES)}
-

@@ -56,7 +56,9 @@ class IAVConfig(DPOConfig):
     num_train_epochs: float = field(default=3.0, metadata={"help": "Total number of training epochs to perform."})
     gradient_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute backbone activations in the backward pass (only useful with a trained backbone)."},
+        metadata={
+            "help": "Recompute backbone activations in the backward pass (only useful with a trained backbone)."
+        },
     )
 
     num_interventions: int = field(default=8, metadata={"help": "Number of intervention heads K."})

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import os
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from peft import PeftConfig, get_peft_model
@@ -23,7 +22,9 @@ from .model_card import build_model_card
 BACKBONE_DIR = "backbone"
 
 # The IAV settings a plain `DPOConfig` lacks are read with `IAVConfig`'s defaults.
-_IAV_DEFAULTS = {f.name: f.default for f in dataclasses.fields(IAVConfig) if f.name not in DPOConfig.__dataclass_fields__}
+_IAV_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(IAVConfig) if f.name not in DPOConfig.__dataclass_fields__
+}
 
 
 class _InputsWithReference(dict):
@@ -166,7 +167,8 @@ class IAVTrainer(DPOTrainer):
             model = get_peft_model(model, peft_config)
         elif peft_config is not None:
             raise TypeError(
-                f"`peft_config` must be an `AlignmentHeadConfig` or a `peft.PeftConfig`, got {type(peft_config).__name__}."
+                "`peft_config` must be an `AlignmentHeadConfig` or a `peft.PeftConfig`, got "
+                f"{type(peft_config).__name__}."
             )
         # With PEFT, the wrapper has already frozen what LoRA does not train.
         freeze = self._iav.freeze_backbone and not _is_peft(model)

@@ -430,7 +430,9 @@ class IAVModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Saving and loading
@@ -465,7 +467,8 @@ class IAVModel(nn.Module):
             tensors = self._head_state_dict(name, state_dict)
             metadata = {"format": "pt", "adapter_name": name}
             atomic_write(
-                os.path.join(directory, WEIGHTS_NAME), lambda path, t=tensors: save_file(t, path, metadata=metadata)
+                os.path.join(directory, WEIGHTS_NAME),
+                lambda path, t=tensors, m=metadata: save_file(t, path, metadata=m),
             )
             self.iav_config[name].save_pretrained(directory)
         card = build_model_card(
@@ -529,7 +532,9 @@ class IAVModel(nn.Module):
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} is corrupt or truncated and cannot be loaded ({err}). Re-save the adapter.") from err
+            raise ValueError(
+                f"{path} is corrupt or truncated and cannot be loaded ({err}). Re-save the adapter."
+            ) from err
         head = self.alignment_heads[adapter_name]
         expected = head.state_dict()
         if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):

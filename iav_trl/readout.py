@@ -52,7 +52,9 @@ class LogitReadout:
         """Whether `z` is affine in `h`, so that an offset of `h` shifts `z` by exactly its readout."""
         return self.softcap is None
 
-    def base_logits(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def base_logits(
+        self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """`z_base = softcap(s * (W_U h + b))`, shape `(..., V)`."""
         logits = F.linear(hidden_states, weight, bias)
         if self.scale != 1.0:

@@ -1,0 +1,35 @@
+# The README's commands, and the checks CI runs.
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export OMP_NUM_THREADS ?= 1
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: install quickstart test test-slow quality bench-decode bench-train dpo-suite
+
+install:
+	python -m pip install torch==2.13.0
+	python -m pip install -c .ci/constraints.txt -e ".[dev]"
+
+quickstart:
+	python examples/quickstart.py
+
+test:
+	python -m pytest -q
+
+test-slow:
+	python -m pytest -q -m slow
+
+quality:
+	ruff check iav_trl tests examples benchmarks
+	ruff format --check iav_trl tests examples benchmarks
+
+bench-decode:
+	OMP_NUM_THREADS=2 python benchmarks/decode_speed.py
+
+bench-train:
+	OMP_NUM_THREADS=2 python benchmarks/train_step.py
+
+# TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer (needs a git copy of huggingface/trl in TRL_GIT).
+dpo-suite:
+	../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from $(TRL_GIT) --rev main --work /tmp/dpo_suite_iav \
+		--trainer iav_trl.iav_trainer:IAVTrainer --pythonpath $(CURDIR) --vision-shim -n 2 -- -rsfE
