@@ -36,7 +36,6 @@ setup(
         "eval": ["matplotlib>=3.8"],
         "tracking": ["tensorboard", "wandb"],
     },
-    entry_points={"console_scripts": ["iav-trl=iav_trl.cli:main"]},
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",

@@ -12,6 +12,7 @@ from peft import PeftConfig, get_peft_model
 from transformers import PreTrainedModel
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import DPOConfig, DPOTrainer
+from trl.trainer import dpo_trainer as dpo_trainer_module
 from trl.trainer.utils import create_model_from_path
 
 from .config import AlignmentHeadConfig
@@ -110,12 +111,12 @@ class IAVTrainer(DPOTrainer):
                 "the same forward pass). Set `sync_ref_model=False`, or pass a `ref_model`."
             )
 
-        # DPOTrainer builds a reference model unless it is told the reference log-probs are precomputed. IAV
-        # computes them in the policy's own pass, so it sets that flag while the parent initialises and makes the
-        # precomputation a no-op (see `_precompute_ref_logps`).
-        user_precompute = args.precompute_ref_log_probs
+        # DPOTrainer loads a reference model (`create_model_from_path`) when it gets none and the model is not a PEFT
+        # model. IAV's reference comes from the policy's own pass, so that one call returns None while the parent
+        # initialises; `args.precompute_ref_log_probs` stays the user's, validated by the parent as usual.
+        original_create = dpo_trainer_module.create_model_from_path
         if self._reference_in_policy_pass:
-            args.precompute_ref_log_probs = True
+            dpo_trainer_module.create_model_from_path = lambda *args, **kwargs: None
         try:
             super().__init__(
                 model=model,
@@ -131,7 +132,7 @@ class IAVTrainer(DPOTrainer):
                 quantization_config=quantization_config,
             )
         finally:
-            args.precompute_ref_log_probs = user_precompute
+            dpo_trainer_module.create_model_from_path = original_create
         if self._reference_in_policy_pass:
             self.precompute_ref_logps = False
         # DPOTrainer patches `forward` with TRL's fused LM head, which knows nothing of the head; IAVModel has its own.
