@@ -4,7 +4,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install quickstart test test-slow quality bench-decode bench-train dpo-suite
+.PHONY: install quickstart test quality bench-decode bench-train dpo-suite
 
 install:
 	python -m pip install torch==2.13.0
@@ -15,9 +15,6 @@ quickstart:
 
 test:
 	python -m pytest -q
-
-test-slow:
-	python -m pytest -q -m slow
 
 quality:
 	ruff check iav_trl tests examples benchmarks
