@@ -8,7 +8,8 @@ import os
 from types import SimpleNamespace
 
 import torch
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import DPOConfig, DPOTrainer
@@ -17,6 +18,7 @@ from trl.trainer.utils import create_model_from_path
 
 from .config import AlignmentHeadConfig
 from .iav_config import IAVConfig
+from .io import atomic_write_text
 from .model import IAVModel, _is_peft
 from .model_card import build_model_card
 
@@ -99,11 +101,10 @@ class IAVTrainer(DPOTrainer):
             quantization_config = None
             args.model_init_kwargs = None
         model = self._attach_head(model, peft_config)
-        unwrapped = model
-        trainable_backbone = any(p.requires_grad for p in unwrapped.base_model.parameters())
-        if trainable_backbone and not _is_peft(unwrapped.base_model) and ref_model is None:
+        trainable_backbone = any(p.requires_grad for p in model.base_model.parameters())
+        if trainable_backbone and not _is_peft(model.base_model) and ref_model is None:
             # Full fine-tuning: the reference is a frozen copy of the backbone as it was before training.
-            ref_model = copy.deepcopy(unwrapped.get_base_model()).requires_grad_(False).eval()
+            ref_model = copy.deepcopy(model.get_base_model()).requires_grad_(False).eval()
         self._reference_in_policy_pass = ref_model is None
         if self._reference_in_policy_pass and args.sync_ref_model:
             raise ValueError(
@@ -144,11 +145,7 @@ class IAVTrainer(DPOTrainer):
             self.aux_loss_enabled = False  # a frozen MoE router needs no load-balancing loss
 
     def _attach_head(self, model, peft_config) -> IAVModel:
-        head_config = AlignmentHeadConfig(
-            num_interventions=self._iav.num_interventions,
-            intervention_dim=self._iav.intervention_dim,
-            dropout=self._iav.head_dropout,
-        )
+        head_config = IAVConfig.alignment_head_config(self._iav)  # also for a plain DPOConfig, from the defaults
         if isinstance(model, IAVModel):
             if peft_config is not None:
                 raise ValueError(
@@ -242,14 +239,9 @@ class IAVTrainer(DPOTrainer):
         backbone_dir = os.path.join(resume_from_checkpoint, BACKBONE_DIR)
         if os.path.isdir(backbone_dir):
             if _is_peft(model.base_model):
-                from peft import set_peft_model_state_dict
-                from safetensors.torch import load_file
-
                 weights = load_file(os.path.join(backbone_dir, "adapter_model.safetensors"))
                 set_peft_model_state_dict(model.base_model, weights)
             else:
-                from safetensors.torch import load_file
-
                 weights = load_file(os.path.join(backbone_dir, "model.safetensors"))
                 model.base_model.load_state_dict(weights, strict=False)
 
@@ -276,5 +268,4 @@ class IAVTrainer(DPOTrainer):
         datasets = [dataset_name] if dataset_name else self._dataset_names()
         card = build_model_card(model.iav_config, self.args.hub_model_id, datasets=datasets, training_summary=summary)
         os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as fh:
-            fh.write(card)
+        atomic_write_text(os.path.join(self.args.output_dir, "README.md"), card)
