@@ -8,17 +8,29 @@ offset `delta = sum_i alpha_i delta_i` `(N, d)` and optional reference hidden st
     z_final = z_base + a
     z_ref   = z_base, or softcap(s * (W_U h_ref + b)) when reference hidden states are given
 
-and per token (y = label):
+and per token (y = label, lse = logsumexp over the vocabulary, p = softmax(z_final)):
 
-    log_probs     = log softmax(z_final)_y              (grad)
-    ref_log_probs = log softmax(z_ref)_y                (no grad)
-    kl            = sum_v p_final,v (log p_final,v - log p_base,v) = KL(p_final || p_base)   (grad)
-    l2            = (1/V) sum_v a_v^2                   (grad)   squared RMS of the applied alignment logits
-    alignment_norm = ||a||_2, entropy of p_final, mean_v z_final,v, [argmax z_final == y],
-    log_sum_sq_probs = log sum_v p_final,v^2            (no grad)
+    log_probs     = z_final,y - lse(z_final)                                    (grad)
+    ref_log_probs = log softmax(z_ref)_y                                        (no grad)
+    kl            = KL(p || softmax(z_base)) = sum_v p_v a_v - lse(z_final) + lse(z_base)   (grad)
+    l2            = (1/V) sum_v a_v^2                   squared RMS of the applied alignment logits   (grad)
+    alignment_norm = ||a||_2, entropy of p, mean_v z_final,v, [argmax z_final == y],
+    log_sum_sq_probs = log sum_v p_v^2                                          (no grad)
 
-Each chunk runs under activation checkpointing, so the backward pass keeps only the chunk's inputs and recomputes
-its `(tokens x V)` blocks: at most one chunk of vocabulary-sized tensors is alive at any time.
+Two ways to differentiate, chosen per call:
+
+- frozen readout (`h`, `W_U` and `b` need no gradient: the frozen-backbone training step). Only `delta` gets a
+  gradient, and each statistic's gradient with respect to `delta` is known in closed form, `d/d delta = s W_U^T d/da`:
+
+      d log_probs / da = onehot(y) - p
+      d kl / da        = p * (a - sum_v p_v a_v)
+      d l2 / da        = 2 a / V
+
+  so the forward pass projects these three `(tokens, V)` blocks back to `(tokens, d)` right away (four vocabulary
+  matmuls in all, no recomputation) and keeps only those three `(N, d)` Jacobian rows for the backward pass, which
+  is a weighted sum of them. No `(tokens x V)` block outlives its chunk.
+- trainable readout (a LoRA or fully trained backbone, or a trained LM head): plain autograd through each chunk
+  under activation checkpointing, which keeps the chunk's inputs and recomputes its blocks in the backward pass.
 """
 
 from __future__ import annotations
@@ -30,8 +42,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .readout import LogitReadout
 
-# Tokens per chunk are chosen so that one (tokens x V) float32 block holds about 2**24 values (64 MiB).
-CHUNK_ELEMENTS = 2**24
+# Tokens per chunk are chosen so that one (tokens x V) float32 block holds about 2**22 values (16 MiB): a handful
+# of such blocks are alive at once, and small blocks stay in cache for the elementwise passes.
+CHUNK_ELEMENTS = 2**22
 
 STAT_NAMES = (
     "log_probs",
@@ -44,6 +57,8 @@ STAT_NAMES = (
     "is_top1",
     "log_sum_sq_probs",
 )
+# The statistics with a gradient, in `STAT_NAMES` order.
+DIFFERENTIABLE = ("log_probs", "kl", "l2")
 
 
 def _gathered(weight: torch.Tensor, bias: torch.Tensor | None):
@@ -56,38 +71,98 @@ def _gathered(weight: torch.Tensor, bias: torch.Tensor | None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def _chunk_stats(
-    readout: LogitReadout,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    hidden: torch.Tensor,
-    delta: torch.Tensor,
-    ref_hidden: torch.Tensor | None,
-    labels: torch.Tensor,
-) -> tuple[torch.Tensor, ...]:
-    with _gathered(weight, bias):
-        z_base = readout.base_logits(hidden, weight, bias).float()
-        a = readout.alignment_logits(delta.to(weight.dtype), weight).float()
-        if ref_hidden is not None:
-            with torch.no_grad():
-                z_ref = readout.base_logits(ref_hidden, weight, bias).float()
+def _logits(readout, weight, bias, hidden, delta, ref_hidden):
+    """`z_base`, `a` and `z_ref` (or `None`) of one chunk, in float32."""
+    z_base = readout.base_logits(hidden, weight, bias).float()
+    a = readout.alignment_logits(delta.to(weight.dtype), weight).float()
+    z_ref = None
+    if ref_hidden is not None:
+        with torch.no_grad():
+            z_ref = readout.base_logits(ref_hidden, weight, bias).float()
+    return z_base, a, z_ref
+
+
+def _logit_stats(z_base, a, z_ref, labels):
+    """The statistics of the module docstring from the logits, plus `p` and `sum_v p_v a_v` for the Jacobians."""
     z_final = z_base + a
-    logp_final = torch.log_softmax(z_final, dim=-1)
-    logp_base = torch.log_softmax(z_base, dim=-1)
     index = labels.unsqueeze(-1)
-    log_probs = logp_final.gather(-1, index).squeeze(-1)
-    kl = (logp_final.exp() * (logp_final - logp_base)).sum(-1)
-    l2 = a.pow(2).mean(-1)
+    lse_final = torch.logsumexp(z_final, dim=-1)
+    lse_base = torch.logsumexp(z_base, dim=-1)
+    log_probs = z_final.gather(-1, index).squeeze(-1) - lse_final
+    p = torch.exp(z_final - lse_final.unsqueeze(-1))
+    p_dot_a = (p * a).sum(-1)
+    kl = p_dot_a - lse_final + lse_base
+    l2 = a.square().mean(-1)
     with torch.no_grad():
-        logp_ref = logp_base if ref_hidden is None else torch.log_softmax(z_ref, dim=-1)
-        ref_log_probs = logp_ref.gather(-1, index).squeeze(-1)
-        p_final = logp_final.exp()
-        entropy = -(p_final * logp_final).sum(-1)
-        alignment_norm = a.norm(dim=-1)
-        mean_logits = z_final.mean(-1)
-        is_top1 = z_final.argmax(-1) == labels
-        log_sum_sq_probs = torch.logsumexp(2 * logp_final, dim=-1)
-    return log_probs, ref_log_probs, kl, l2, alignment_norm, entropy, mean_logits, is_top1, log_sum_sq_probs
+        if z_ref is None:
+            ref_log_probs = z_base.gather(-1, index).squeeze(-1) - lse_base
+        else:
+            ref_log_probs = z_ref.gather(-1, index).squeeze(-1) - torch.logsumexp(z_ref, dim=-1)
+        stats = (
+            log_probs,
+            ref_log_probs,
+            kl,
+            l2,
+            a.norm(dim=-1),
+            lse_final - (p * z_final).sum(-1),
+            z_final.mean(-1),
+            z_final.argmax(-1) == labels,
+            torch.log(p.square().sum(-1)),
+        )
+    return stats, p, p_dot_a
+
+
+def _chunk_stats(readout, weight, bias, hidden, delta, ref_hidden, labels):
+    """One chunk under autograd (the trainable-readout path, run under activation checkpointing)."""
+    with _gathered(weight, bias):
+        z_base, a, z_ref = _logits(readout, weight, bias, hidden, delta, ref_hidden)
+    return _logit_stats(z_base, a, z_ref, labels)[0]
+
+
+def _frozen_readout_stats(readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size, jacobians):
+    """All chunks' statistics and, if asked, their `(3, N, d)` `delta` Jacobians (frozen readout, no autograd)."""
+    pieces, rows = [], []
+    with torch.no_grad(), _gathered(weight, bias):
+        for start in range(0, max(hidden.shape[0], 1), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            ref = None if ref_hidden is None else ref_hidden[chunk]
+            z_base, a, z_ref = _logits(readout, weight, bias, hidden[chunk], delta[chunk], ref)
+            stats, p, p_dot_a = _logit_stats(z_base, a, z_ref, labels[chunk])
+            pieces.append(stats)
+            if jacobians:
+                # The (3n, V) blocks [p, p * (a - p.a), a] projected back to (3n, d) in one matmul.
+                blocks = torch.cat([p, p * (a - p_dot_a.unsqueeze(-1)), a]).to(weight.dtype)
+                projected = (blocks @ weight).float() * readout.scale
+                n = p.shape[0]
+                d_log_probs = readout.scale * weight[labels[chunk]].float() - projected[:n]
+                d_l2 = projected[2 * n :] * (2.0 / weight.shape[0])
+                rows.append(torch.stack([d_log_probs, projected[n : 2 * n], d_l2]))
+    stats = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(STAT_NAMES)))
+    return stats, (torch.cat(rows, dim=1) if jacobians else None)
+
+
+class _FrozenReadoutStats(torch.autograd.Function):
+    """The statistics as an autograd function of `delta` alone, backward = the saved Jacobians' weighted sum."""
+
+    @staticmethod
+    def forward(ctx, delta, readout, weight, bias, hidden, ref_hidden, labels, chunk_size):
+        stats, jacobians = _frozen_readout_stats(
+            readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size, jacobians=True
+        )
+        ctx.save_for_backward(jacobians)
+        ctx.delta_dtype = delta.dtype
+        ctx.mark_non_differentiable(*(s for name, s in zip(STAT_NAMES, stats) if name not in DIFFERENTIABLE))
+        return stats
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (jacobians,) = ctx.saved_tensors  # (3, N, d): d log_probs, d kl, d l2 with respect to delta
+        grad = torch.zeros_like(jacobians[0])
+        for jacobian, name in zip(jacobians, DIFFERENTIABLE):
+            g = grads[STAT_NAMES.index(name)]
+            if g is not None:
+                grad += g.float().unsqueeze(-1) * jacobian
+        return grad.to(ctx.delta_dtype), None, None, None, None, None, None, None
 
 
 def fused_token_stats(
@@ -103,20 +178,20 @@ def fused_token_stats(
     """The statistics of the module docstring for `N` tokens: a dict of `(N,)` tensors named as `STAT_NAMES`."""
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or delta.requires_grad)
-    pieces = []
-    for start in range(0, max(hidden.shape[0], 1), chunk_size):
-        stop = start + chunk_size
-        args = (
-            hidden[start:stop],
-            delta[start:stop],
-            None if ref_hidden is None else ref_hidden[start:stop],
-            labels[start:stop],
-        )
-        if needs_grad:
+    readout_trainable = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and readout_trainable:
+        pieces = []
+        for start in range(0, max(hidden.shape[0], 1), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            ref = None if ref_hidden is None else ref_hidden[chunk]
+            args = (hidden[chunk], delta[chunk], ref, labels[chunk])
             pieces.append(
                 checkpoint(_chunk_stats, readout, weight, bias, *args, use_reentrant=False, preserve_rng_state=False)
             )
-        else:
-            pieces.append(_chunk_stats(readout, weight, bias, *args))
-    return {name: torch.cat([piece[i] for piece in pieces]) for i, name in enumerate(STAT_NAMES)}
+        stats = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(STAT_NAMES)))
+    elif torch.is_grad_enabled() and delta.requires_grad:
+        stats = _FrozenReadoutStats.apply(delta, readout, weight, bias, hidden, ref_hidden, labels, chunk_size)
+    else:
+        args = (readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size)
+        stats = _frozen_readout_stats(*args, jacobians=False)[0]
+    return dict(zip(STAT_NAMES, stats))

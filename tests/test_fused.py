@@ -1,0 +1,125 @@
+"""The chunked training statistics against a plain full-vocabulary PyTorch computation, values and gradients."""
+
+import pytest
+import torch
+
+from iav_trl.fused import STAT_NAMES, fused_token_stats
+from iav_trl.readout import LogitReadout
+
+N, D, V = 11, 16, 97
+READOUTS = [LogitReadout(), LogitReadout(scale=0.5), LogitReadout(softcap=3.0)]
+
+
+def reference_stats(readout, weight, bias, hidden, delta, labels, ref_hidden=None):
+    """Every statistic from whole (N, V) tensors with torch's own log_softmax, in float64."""
+    weight, bias, hidden, delta = (t.double() for t in (weight, bias, hidden, delta))
+    z_base = readout.scale * (hidden @ weight.T + bias)
+    if readout.softcap is not None:
+        z_base = readout.softcap * torch.tanh(z_base / readout.softcap)
+    a = readout.scale * delta @ weight.T
+    z_final = z_base + a
+    logp_final, logp_base = z_final.log_softmax(-1), z_base.log_softmax(-1)
+    if ref_hidden is None:
+        logp_ref = logp_base
+    else:
+        z_ref = readout.scale * (ref_hidden.double() @ weight.T + bias)
+        if readout.softcap is not None:
+            z_ref = readout.softcap * torch.tanh(z_ref / readout.softcap)
+        logp_ref = z_ref.log_softmax(-1)
+    p = logp_final.exp()
+    pick = labels.unsqueeze(-1)
+    return {
+        "log_probs": logp_final.gather(-1, pick).squeeze(-1),
+        "ref_log_probs": logp_ref.gather(-1, pick).squeeze(-1),
+        "kl": (p * (logp_final - logp_base)).sum(-1),
+        "l2": (a**2).sum(-1) / V,
+        "alignment_norm": a.pow(2).sum(-1).sqrt(),
+        "entropy": -(p * logp_final).sum(-1),
+        "mean_logits": z_final.mean(-1),
+        "is_top1": z_final.argmax(-1) == labels,
+        "log_sum_sq_probs": (p**2).sum(-1).log(),
+    }
+
+
+def make_inputs(seed, n=N):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, D, generator=generator)
+    bias = torch.randn(V, generator=generator)
+    hidden = torch.randn(n, D, generator=generator)
+    delta = 0.3 * torch.randn(n, D, generator=generator)
+    labels = torch.randint(0, V, (n,), generator=generator)
+    return weight, bias, hidden, delta, labels
+
+
+def weighted_sum(stats, weights):
+    return sum((weights[i] * stats[name].double()).sum() for i, name in enumerate(("log_probs", "kl", "l2")))
+
+
+@pytest.mark.parametrize("readout", READOUTS, ids=["plain", "scale", "softcap"])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_frozen_readout_values_and_delta_gradient_match_full_vocabulary_autograd(readout, chunk_size):
+    weight, bias, hidden, delta, labels = make_inputs(0)
+    weights = torch.rand(3, N, dtype=torch.float64)
+    delta_ours = delta.clone().requires_grad_(True)
+    ours = fused_token_stats(readout, weight, bias, hidden, delta_ours, labels, chunk_size=chunk_size)
+    weighted_sum(ours, weights).backward()
+
+    delta_ref = delta.double().requires_grad_(True)
+    ref = reference_stats(readout, weight, bias, hidden, delta_ref, labels)
+    weighted_sum(ref, weights).backward()
+
+    for name in STAT_NAMES:
+        torch.testing.assert_close(ours[name].double(), ref[name].to(torch.float64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(delta_ours.grad.double(), delta_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("readout", READOUTS, ids=["plain", "scale", "softcap"])
+def test_trainable_readout_gradients_match_full_vocabulary_autograd(readout):
+    tensors = [t.clone().requires_grad_(True) for t in make_inputs(1)[:4]]
+    labels = make_inputs(1)[4]
+    weights = torch.rand(3, N, dtype=torch.float64)
+    ours = fused_token_stats(readout, *tensors, labels, chunk_size=4)
+    weighted_sum(ours, weights).backward()
+
+    reference = [t.detach().double().requires_grad_(True) for t in tensors]
+    weighted_sum(reference_stats(readout, *reference, labels), weights).backward()
+    for mine, theirs in zip(tensors, reference):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_reference_hidden_states_give_the_reference_log_probs(requires_grad):
+    weight, bias, hidden, delta, labels = make_inputs(2)
+    ref_hidden = torch.randn(N, D, generator=torch.Generator().manual_seed(3))
+    delta.requires_grad_(requires_grad)
+    ours = fused_token_stats(LogitReadout(), weight, bias, hidden, delta, labels, ref_hidden=ref_hidden, chunk_size=5)
+    ref = reference_stats(LogitReadout(), weight, bias, hidden, delta.detach(), labels, ref_hidden=ref_hidden)
+    torch.testing.assert_close(ours["ref_log_probs"].double(), ref["ref_log_probs"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["kl"].double(), ref["kl"], rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_statistics_equal_the_training_statistics():
+    weight, bias, hidden, delta, labels = make_inputs(4)
+    with torch.no_grad():
+        evaluated = fused_token_stats(LogitReadout(), weight, bias, hidden, delta, labels, chunk_size=3)
+    trained = fused_token_stats(LogitReadout(), weight, bias, hidden, delta.requires_grad_(True), labels, chunk_size=3)
+    for name in STAT_NAMES:
+        assert torch.equal(evaluated[name], trained[name].detach()), name
+
+
+def test_no_scored_token_gives_empty_statistics_and_a_zero_gradient():
+    weight, bias, hidden, delta, labels = make_inputs(5, n=0)
+    delta.requires_grad_(True)
+    stats = fused_token_stats(LogitReadout(), weight, bias, hidden, delta, labels)
+    assert all(stats[name].shape == (0,) for name in STAT_NAMES)
+    (stats["log_probs"].sum() + stats["kl"].sum()).backward()
+    assert delta.grad is not None and delta.grad.shape == (0, D)
+
+
+def test_only_the_log_probs_gradient_flows_when_the_other_terms_are_unused():
+    weight, bias, hidden, delta, labels = make_inputs(6)
+    delta_ours = delta.clone().requires_grad_(True)
+    fused_token_stats(LogitReadout(), weight, bias, hidden, delta_ours, labels)["log_probs"].sum().backward()
+    delta_ref = delta.double().requires_grad_(True)
+    reference_stats(LogitReadout(), weight, bias, hidden, delta_ref, labels)["log_probs"].sum().backward()
+    torch.testing.assert_close(delta_ours.grad.double(), delta_ref.grad, rtol=1e-5, atol=1e-5)
