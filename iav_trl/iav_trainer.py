@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
 from trl.trainer.utils import create_model_from_path
@@ -23,6 +25,31 @@ from .model import IAVModel, _is_peft
 from .model_card import build_model_card
 
 BACKBONE_DIR = "backbone"
+
+
+def _load_full_backbone(backbone: PreTrainedModel, directory: str) -> None:
+    """Load a fully trained backbone saved by `save_pretrained` (one or several safetensors shards) in place."""
+    index = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = [SAFE_WEIGHTS_NAME]
+    weights = {}
+    for name in files:
+        weights.update(load_file(os.path.join(directory, name)))
+    result = backbone.load_state_dict(weights, strict=False)
+    # `save_pretrained` writes one copy of tied tensors (e.g. an LM head tied to the embeddings): a missing key is
+    # fine only when it shares its storage with a key that was loaded.
+    state = backbone.state_dict()
+    loaded_storage = {state[k].untyped_storage().data_ptr() for k in weights if k in state}
+    missing = [k for k in result.missing_keys if state[k].untyped_storage().data_ptr() not in loaded_storage]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"The checkpoint's backbone in {directory} does not match the model being trained (missing: {missing}, "
+            f"unexpected: {result.unexpected_keys}). Resume with the same base model the checkpoint was trained from."
+        )
+
 
 # The IAV settings a plain `DPOConfig` lacks are read with `IAVConfig`'s defaults.
 _IAV_DEFAULTS = {
@@ -217,10 +244,18 @@ class IAVTrainer(DPOTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        # DeepSpeed ZeRO-3 leaves each process a slice of every head parameter, and the parent passes no head weights
+        # without `zero3_save_16bit_model`: gather the heads (every process runs `_save`) and save them whole.
+        partitioned = [p for p in model.alignment_heads.parameters() if getattr(p, "ds_numel", p.numel()) != p.numel()]
+        if partitioned:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                return self._save(output_dir, state_dict)
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(output_dir, state_dict=state_dict, datasets=self._dataset_names())
         if any(p.requires_grad for p in model.base_model.parameters()):
             backbone_state = None
@@ -242,8 +277,7 @@ class IAVTrainer(DPOTrainer):
                 weights = load_file(os.path.join(backbone_dir, "adapter_model.safetensors"))
                 set_peft_model_state_dict(model.base_model, weights)
             else:
-                weights = load_file(os.path.join(backbone_dir, "model.safetensors"))
-                model.base_model.load_state_dict(weights, strict=False)
+                _load_full_backbone(model.base_model, backbone_dir)
 
     def _load_best_model(self) -> None:
         if self.is_deepspeed_enabled:

@@ -373,8 +373,11 @@ class IAVModel(nn.Module):
         causal_lm = self.get_base_model()
         backbone_trainable = any(p.requires_grad for p in self.base_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trainable):
-            hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            hidden = hidden.last_hidden_state
+            backbone_outputs = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden = backbone_outputs.last_hidden_state
+        aux_loss = None
+        if kwargs.pop("output_router_logits", False):
+            aux_loss = _load_balancing_loss(causal_lm, backbone_outputs.router_logits, attention_mask)
         ref_hidden = None
         if _is_peft(self.base_model):
             # The reference is the untouched base model: PEFT adapters off, no alignment.
@@ -405,7 +408,9 @@ class IAVModel(nn.Module):
         # `masked_scatter` keeps an all-masked micro-batch connected to the graph (a differentiable zero).
         per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in stats.items()}
         loss = -per_token["log_probs"].sum() / mask.sum().clamp(min=1)
-        return IAVFusedOutput(loss=loss, label_mask=mask, **per_token)
+        if aux_loss is not None:
+            loss = loss + getattr(causal_lm.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux_loss
+        return IAVFusedOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
 
     @torch.no_grad()
     def generate(self, *args: Any, alpha: AlphaLike = None, **kwargs: Any) -> Any:
@@ -451,7 +456,7 @@ class IAVModel(nn.Module):
         Write the heads only (never backbone weights): `alignment_head_config.json`, `alignment_head.safetensors`
         and a model card `README.md`. The `default` adapter goes to `save_directory`, any other to
         `save_directory/<name>/` (PEFT's layout). `state_dict` (keys `alignment_heads.<name>.*`, e.g. gathered
-        under DeepSpeed ZeRO-3) overrides the live parameters. Each file is written atomically.
+        under DeepSpeed ZeRO-3) overrides the live parameters of the heads it holds. Each file is written atomically.
         """
         if not is_main_process:
             return
@@ -477,11 +482,20 @@ class IAVModel(nn.Module):
         atomic_write_text(os.path.join(save_directory, "README.md"), card)
 
     def _head_state_dict(self, name: str, state_dict: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        if state_dict is None:
-            source = self.alignment_heads[name].state_dict()
-        else:
-            prefix = f"{HEADS_PREFIX}{name}."
-            source = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        """Head `name`'s tensors from `state_dict` if it holds them, else from its live (whole) parameters."""
+        prefix = f"{HEADS_PREFIX}{name}."
+        source = {k[len(prefix) :]: v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
+        if not source:
+            head = self.alignment_heads[name]
+            partitioned = [k for k, p in head.named_parameters() if getattr(p, "ds_numel", p.numel()) != p.numel()]
+            if partitioned:
+                raise ValueError(
+                    f"The parameters {partitioned} of adapter {name!r} are partitioned by DeepSpeed ZeRO-3: this "
+                    "process holds a slice of each. Save with `trainer.save_model()`, or call `save_pretrained` on "
+                    "every process inside `with deepspeed.zero.GatheredParameters(heads):`, with "
+                    "`heads = list(model.alignment_heads.parameters())`."
+                )
+            source = head.state_dict()
         return {key: value.detach().to("cpu").contiguous() for key, value in source.items()}
 
     @classmethod
@@ -584,6 +598,16 @@ def _rows(strength: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"alpha has {strength.shape[0]} values but the model sees {batch} rows.")
         strength = strength.repeat_interleave(batch // strength.shape[0])
     return strength.to(hidden.device).view(batch, *([1] * (hidden.dim() - 1)))
+
+
+def _load_balancing_loss(causal_lm: PreTrainedModel, router_logits, attention_mask) -> torch.Tensor:
+    """A Mixture-of-Experts model's load-balancing loss, as its own forward computes it outside the decoder."""
+    # Every MoE family in transformers shares Mixtral's function (through the modular system).
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = causal_lm.config.get_text_config()
+    num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts", None)
+    return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
 
 def get_iav_model(

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig, PrefixTuningConfig
 from reference import randomize_heads, reference_alignment
+from safetensors.torch import load_file
 from trl import DPOConfig
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer
@@ -29,7 +30,7 @@ def preference_data(n: int, offset: int = 0) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def make_trainer(tokenizer, tmp_path, model=None, **config):
+def make_trainer(tokenizer, tmp_path, model=None, peft_config=None, **config):
     defaults = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=3,
@@ -43,7 +44,13 @@ def make_trainer(tokenizer, tmp_path, model=None, **config):
     )
     defaults.update(config)
     model = model if model is not None else tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    return IAVTrainer(model, args=IAVConfig(**defaults), train_dataset=preference_data(6), processing_class=tokenizer)
+    return IAVTrainer(
+        model,
+        args=IAVConfig(**defaults),
+        train_dataset=preference_data(6),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
 
 
 def first_batch(trainer):
@@ -182,6 +189,80 @@ def test_resume_from_checkpoint_continues_the_same_run(tokenizer, tmp_path):
     assert losses(resumed)[-2:] == pytest.approx(losses(straight)[-2:], abs=1e-6)
 
 
+def test_trainer_push_to_hub_uploads_the_adapter_and_its_model_card(monkeypatch, tokenizer, tmp_path):
+    uploads = []
+
+    class FakeApi:  # huggingface_hub.HfApi at the boundary transformers' Trainer calls it
+        def create_repo(self, repo_id, token=None, private=None, exist_ok=False):
+            return type("RepoUrl", (), {"repo_id": f"me/{repo_id}"})()
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+            files = sorted(os.listdir(folder_path))
+            card = open(os.path.join(folder_path, "README.md"), encoding="utf-8").read()
+            weights = load_file(os.path.join(folder_path, "alignment_head.safetensors"))
+            uploads.append(dict(repo_id=repo_id, files=files, card=card, weights=weights, ignore=ignore_patterns))
+            return "https://hub/commit"
+
+    monkeypatch.setattr("transformers.trainer.hf_api", FakeApi)
+    trainer = make_trainer(tokenizer, tmp_path / "iav-head", max_steps=1)
+    trainer.train()
+    assert trainer.push_to_hub() == "https://hub/commit"
+    (upload,) = uploads
+    assert upload["repo_id"] == "me/iav-head"
+    assert {"alignment_head.safetensors", "alignment_head_config.json", "README.md", "tokenizer.json"} <= set(
+        upload["files"]
+    )
+    assert not any(f.startswith("model") for f in upload["files"])  # no backbone weights
+    assert "library_name: iav-trl" in upload["card"] and "IAVModel.from_pretrained" in upload["card"]
+    assert "Trained with `IAVTrainer`" in upload["card"]
+    for key, value in trainer.model.alignment_heads["default"].state_dict().items():
+        assert torch.equal(upload["weights"][key], value)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # gpt2: the LM head is tied to the embeddings
+def test_full_fine_tuning_resumes_backbone_and_head_exactly(tokenizer, tmp_path, architecture):
+    def run(directory, resume=None):
+        model = tiny_causal_lm(architecture, vocab_size=len(tokenizer))
+        trainer = make_trainer(
+            tokenizer,
+            directory,
+            model=model,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            freeze_backbone=False,
+            learning_rate=1e-3,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert os.path.isfile(checkpoint / "backbone" / "model.safetensors")
+    resumed = run(tmp_path / "b", resume=str(checkpoint))
+    fresh = tiny_causal_lm(architecture, vocab_size=len(tokenizer)).state_dict()
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=1e-6)
+        if key.startswith("base_model.") and "norm" not in key and "ln_" not in key and "bias" not in key:
+            assert not torch.equal(value, fresh[key[len("base_model.") :]]), f"{key} did not train"
+
+
+def test_resuming_onto_another_backbone_fails_with_a_clear_error(tokenizer, tmp_path):
+    trainer = make_trainer(
+        tokenizer, tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2, freeze_backbone=False
+    )
+    trainer.train()
+    other = make_trainer(
+        tokenizer,
+        tmp_path / "b",
+        model=tiny_causal_lm("llama", vocab_size=len(tokenizer), num_layers=1),
+        max_steps=4,
+        freeze_backbone=False,
+    )
+    with pytest.raises(ValueError, match="does not match the model being trained"):
+        other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+
+
 def test_lora_backbone_trains_with_the_head_against_the_untouched_base(tokenizer, tmp_path):
     model = tiny_causal_lm("llama", vocab_size=len(tokenizer))
     reference_logits = model(torch.tensor([[5, 6, 7]])).logits
@@ -210,6 +291,40 @@ def test_lora_backbone_trains_with_the_head_against_the_untouched_base(tokenizer
         torch.testing.assert_close(trainer.model(torch.tensor([[5, 6, 7]])).logits, reference_logits)
     trainer.save_model(str(tmp_path / "final"))
     assert os.path.isfile(tmp_path / "final" / "backbone" / "adapter_model.safetensors")
+
+
+def test_mixture_of_experts_load_balancing_loss_is_added_when_the_router_trains(tokenizer, tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.5,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = make_trainer(tokenizer, tmp_path, model=model, peft_config=lora)
+    inputs = first_batch(trainer)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    # The reference: the Mixtral model's own forward and its own load-balancing loss (LoRA starts as a no-op).
+    with torch.no_grad():
+        own = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], output_router_logits=True)
+    metrics = trainer._metrics["train"]
+    assert metrics["aux_loss"][-1] == pytest.approx(own.aux_loss.item(), rel=1e-5)
+    without_aux = metrics["iav/pref_loss"][-1] - 0.5 * own.aux_loss.item()
+    expected = without_aux + 0.5 * own.aux_loss.item() + 0.1 * metrics["iav/kl"][-1] + 0.01 * metrics["iav/l2"][-1]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert without_aux == pytest.approx(0.6931, abs=1e-3)  # a fresh head and LoRA: sigmoid DPO loss at log(2)
 
 
 def test_full_fine_tuning_trains_backbone_against_a_frozen_copy(tokenizer, tmp_path):
