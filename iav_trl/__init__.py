@@ -7,8 +7,11 @@ test time.
 from .alpha import ALPHA_GUIDE
 from .config import AlignmentHeadConfig
 from .data import build_dataset_mixture, detect_schema, load_preference_dataset, parse_hh_dialogue
+from .evaluation import EvaluationConfig, IAVEvaluator
+from .genarm import GenARMLogitsProcessor, genarm_generate
 from .iav_config import IAVConfig
 from .iav_trainer import IAVTrainer
+from .inference import IAVInference
 from .layer import AlignmentHead
 from .model import IAVFusedOutput, IAVModel, get_iav_model
 from .readout import LogitReadout
@@ -19,14 +22,19 @@ __all__ = [
     "ALPHA_GUIDE",
     "AlignmentHead",
     "AlignmentHeadConfig",
+    "EvaluationConfig",
+    "GenARMLogitsProcessor",
     "IAVConfig",
     "IAVFusedOutput",
+    "IAVEvaluator",
+    "IAVInference",
     "IAVModel",
     "IAVTrainer",
     "LogitReadout",
     "__version__",
     "build_dataset_mixture",
     "detect_schema",
+    "genarm_generate",
     "get_iav_model",
     "load_preference_dataset",
     "parse_hh_dialogue",
