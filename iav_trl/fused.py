@@ -26,9 +26,11 @@ Two ways to differentiate, chosen per call:
       d kl / da        = p * (a - sum_v p_v a_v)
       d l2 / da        = 2 a / V
 
-  so the forward pass projects these three `(tokens, V)` blocks back to `(tokens, d)` right away (four vocabulary
-  matmuls in all, no recomputation) and keeps only those three `(N, d)` Jacobian rows for the backward pass, which
-  is a weighted sum of them. No `(tokens x V)` block outlives its chunk.
+  so the forward pass projects the first two `(tokens, V)` blocks back to `(tokens, d)` right away, and the third
+  through the Gram matrix of the frozen unembedding, `s W_U^T a = s^2 (W_U^T W_U) delta` (`(d, d)`, computed once
+  and cached while `W_U` is unchanged): four vocabulary matmuls per token in all (`z_base`, `a`, and the two
+  projections), no recomputation. Only the three `(N, d)` Jacobian rows are kept for the backward pass, which is
+  their weighted sum. No `(tokens x V)` block outlives its chunk.
 - trainable readout (a LoRA or fully trained backbone, or a trained LM head): plain autograd through each chunk
   under activation checkpointing, which keeps the chunk's inputs and recomputes its blocks in the backward pass.
 """
@@ -69,6 +71,34 @@ def _gathered(weight: torch.Tensor, bias: torch.Tensor | None):
 
     params = [weight] if bias is None else [weight, bias]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class GramCache:
+    """`W_U^T W_U` in float32, `(d, d)`, recomputed only when the unembedding changes.
+
+    A change is seen through the tensor's storage, shape, dtype, device and autograd version counter (bumped by
+    in-place updates such as `load_state_dict` or an optimizer step), and a float64 checksum of a strided sample of
+    its values, which also catches writes through `.data` that bypass the version counter.
+    """
+
+    SAMPLE = 4096
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._gram: torch.Tensor | None = None
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        flat = weight.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // self.SAMPLE)].double()
+        key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device, sample.sum().item())
+        if key != self._key:
+            gram = torch.zeros(weight.shape[1], weight.shape[1], device=weight.device, dtype=torch.float32)
+            rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
+            for start in range(0, weight.shape[0], rows):  # in float32 without a float32 copy of the whole matrix
+                block = weight[start : start + rows].detach().float()
+                gram += block.T @ block
+            self._key, self._gram = key, gram
+        return self._gram
 
 
 def _logits(readout, weight, bias, hidden, delta, ref_hidden):
@@ -119,10 +149,14 @@ def _chunk_stats(readout, weight, bias, hidden, delta, ref_hidden, labels):
     return _logit_stats(z_base, a, z_ref, labels)[0]
 
 
-def _frozen_readout_stats(readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size, jacobians):
-    """All chunks' statistics and, if asked, their `(3, N, d)` `delta` Jacobians (frozen readout, no autograd)."""
+def _frozen_readout_stats(readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size, gram):
+    """All chunks' statistics and, given a `GramCache`, their `(3, N, d)` `delta` Jacobians (no autograd)."""
     pieces, rows = [], []
     with torch.no_grad(), _gathered(weight, bias):
+        jacobians = gram is not None
+        if jacobians:
+            # d l2 / d delta = (2 s / V) W_U^T a = (2 s^2 / V) (W_U^T W_U) delta
+            d_l2 = delta.float() @ gram(weight) * (2.0 * readout.scale**2 / weight.shape[0])
         for start in range(0, max(hidden.shape[0], 1), chunk_size):
             chunk = slice(start, start + chunk_size)
             ref = None if ref_hidden is None else ref_hidden[chunk]
@@ -130,13 +164,12 @@ def _frozen_readout_stats(readout, weight, bias, hidden, delta, ref_hidden, labe
             stats, p, p_dot_a = _logit_stats(z_base, a, z_ref, labels[chunk])
             pieces.append(stats)
             if jacobians:
-                # The (3n, V) blocks [p, p * (a - p.a), a] projected back to (3n, d) in one matmul.
-                blocks = torch.cat([p, p * (a - p_dot_a.unsqueeze(-1)), a]).to(weight.dtype)
+                # The (2n, V) blocks [p, p * (a - p.a)] projected back to (2n, d) in one matmul.
+                blocks = torch.cat([p, p * (a - p_dot_a.unsqueeze(-1))]).to(weight.dtype)
                 projected = (blocks @ weight).float() * readout.scale
                 n = p.shape[0]
                 d_log_probs = readout.scale * weight[labels[chunk]].float() - projected[:n]
-                d_l2 = projected[2 * n :] * (2.0 / weight.shape[0])
-                rows.append(torch.stack([d_log_probs, projected[n : 2 * n], d_l2]))
+                rows.append(torch.stack([d_log_probs, projected[n:], d_l2[chunk]]))
     stats = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(STAT_NAMES)))
     return stats, (torch.cat(rows, dim=1) if jacobians else None)
 
@@ -145,9 +178,9 @@ class _FrozenReadoutStats(torch.autograd.Function):
     """The statistics as an autograd function of `delta` alone, backward = the saved Jacobians' weighted sum."""
 
     @staticmethod
-    def forward(ctx, delta, readout, weight, bias, hidden, ref_hidden, labels, chunk_size):
+    def forward(ctx, delta, readout, weight, bias, hidden, ref_hidden, labels, chunk_size, gram):
         stats, jacobians = _frozen_readout_stats(
-            readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size, jacobians=True
+            readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size, gram
         )
         ctx.save_for_backward(jacobians)
         ctx.delta_dtype = delta.dtype
@@ -162,7 +195,7 @@ class _FrozenReadoutStats(torch.autograd.Function):
             g = grads[STAT_NAMES.index(name)]
             if g is not None:
                 grad += g.float().unsqueeze(-1) * jacobian
-        return grad.to(ctx.delta_dtype), None, None, None, None, None, None, None
+        return grad.to(ctx.delta_dtype), None, None, None, None, None, None, None, None
 
 
 def fused_token_stats(
@@ -174,8 +207,14 @@ def fused_token_stats(
     labels: torch.Tensor,
     ref_hidden: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    gram: GramCache | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The statistics of the module docstring for `N` tokens: a dict of `(N,)` tensors named as `STAT_NAMES`."""
+    """
+    The statistics of the module docstring for `N` tokens: a dict of `(N,)` tensors named as `STAT_NAMES`.
+
+    `gram` caches `W_U^T W_U` across calls for the frozen-readout gradient; pass the same `GramCache` on every
+    training step (a fresh one is built per call otherwise).
+    """
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // weight.shape[0])
     readout_trainable = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -190,8 +229,9 @@ def fused_token_stats(
             )
         stats = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(STAT_NAMES)))
     elif torch.is_grad_enabled() and delta.requires_grad:
-        stats = _FrozenReadoutStats.apply(delta, readout, weight, bias, hidden, ref_hidden, labels, chunk_size)
+        gram = gram if gram is not None else GramCache()
+        stats = _FrozenReadoutStats.apply(delta, readout, weight, bias, hidden, ref_hidden, labels, chunk_size, gram)
     else:
         args = (readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size)
-        stats = _frozen_readout_stats(*args, jacobians=False)[0]
+        stats = _frozen_readout_stats(*args, gram=None)[0]
     return dict(zip(STAT_NAMES, stats))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -25,16 +26,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .alpha import AlphaLike, resolve_alpha
-from .config import CONFIG_NAME, AlignmentHeadConfig
-from .fused import fused_token_stats
-from .io import atomic_write, atomic_write_text, check_adapter_name, resolve_adapter_file
+from .config import CONFIG_NAME, WEIGHTS_DIGEST_KEY, AlignmentHeadConfig, read_config_file
+from .fused import GramCache, fused_token_stats
+from .io import atomic_write, atomic_write_text, check_adapter_name, resolve_adapter_file, tensor_digest
 from .layer import AlignmentHead
 from .model_card import build_model_card
 from .readout import LogitReadout
@@ -42,6 +43,8 @@ from .readout import LogitReadout
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "alignment_head.safetensors"
+PICKLE_WEIGHTS_NAMES = ("alignment_head.bin", "alignment_head.pt")  # loaded only with `allow_pickle=True`
+CONFIG_METADATA_KEY = "iav_config"  # the config, as JSON, in the safetensors metadata of the weights
 HEADS_PREFIX = "alignment_heads."
 
 
@@ -120,6 +123,7 @@ class IAVModel(nn.Module):
         self.alignment_heads = nn.ModuleDict()
         self.iav_config: dict[str, AlignmentHeadConfig] = {}
         self.readout = LogitReadout.from_config(causal_lm.config)
+        self._gram = GramCache()  # W_U^T W_U for the frozen-backbone training step (see `iav_trl.fused`)
         self._adapter_weights: dict[str, float] = {}
         self._alignment_enabled = True
         self._call: _Call | None = None
@@ -404,6 +408,7 @@ class IAVModel(nn.Module):
             delta,
             labels[mask],
             ref_hidden=None if ref_hidden is None else ref_hidden[mask],
+            gram=self._gram,
         )
         # `masked_scatter` keeps an all-masked micro-batch connected to the graph (a differentiable zero).
         per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in stats.items()}
@@ -456,7 +461,13 @@ class IAVModel(nn.Module):
         Write the heads only (never backbone weights): `alignment_head_config.json`, `alignment_head.safetensors`
         and a model card `README.md`. The `default` adapter goes to `save_directory`, any other to
         `save_directory/<name>/` (PEFT's layout). `state_dict` (keys `alignment_heads.<name>.*`, e.g. gathered
-        under DeepSpeed ZeRO-3) overrides the live parameters of the heads it holds. Each file is written atomically.
+        under DeepSpeed ZeRO-3) overrides the live parameters of the heads it holds.
+
+        A process killed mid-save leaves each adapter directory loadable as the old adapter or the new one, never a
+        mix: every file is written to a temporary name and renamed into place, the config first (with the SHA-256 of
+        the weights, see `iav_trl.io.tensor_digest`) and the weights last (with that digest and the config in their
+        safetensors metadata). A loader that finds the config's digest differing from the weights' knows the save
+        stopped between the two renames, and uses the config stored with the weights: the previous adapter.
         """
         if not is_main_process:
             return
@@ -470,12 +481,19 @@ class IAVModel(nn.Module):
             directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(directory, exist_ok=True)
             tensors = self._head_state_dict(name, state_dict)
-            metadata = {"format": "pt", "adapter_name": name}
+            config = self.iav_config[name]
+            digest = tensor_digest(tensors)
+            metadata = {
+                "format": "pt",
+                "adapter_name": name,
+                CONFIG_METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True),
+                WEIGHTS_DIGEST_KEY: digest,
+            }
+            config.save_pretrained(directory, weights_sha256=digest)
             atomic_write(
                 os.path.join(directory, WEIGHTS_NAME),
                 lambda path, t=tensors, m=metadata: save_file(t, path, metadata=m),
             )
-            self.iav_config[name].save_pretrained(directory)
         card = build_model_card(
             {name: self.iav_config[name] for name in names}, datasets=datasets, training_summary=training_summary
         )
@@ -506,18 +524,21 @@ class IAVModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         subfolder: str | None = None,
+        allow_pickle: bool = False,
         **hub_kwargs: Any,
     ) -> IAVModel:
         """
-        Load a saved head onto `model` (a causal LM, or its id/path). With `is_trainable=False` (the default) the
-        head is frozen for inference. `revision`, `token`, `cache_dir`, ... are passed to the Hub download.
+        Load a saved head onto `model` (a causal LM, or its id/path, loaded without remote code). With
+        `is_trainable=False` (the default) the head is frozen for inference. `revision`, `token`, `cache_dir`, ... are
+        passed to the Hub download. Weights are read from safetensors only; `allow_pickle=True` also accepts an
+        `alignment_head.bin`/`.pt`, read with `torch.load(weights_only=True)`: only for files you trust.
         """
         if isinstance(model, (str, os.PathLike)):
             model = AutoModelForCausalLM.from_pretrained(model)
-        config = AlignmentHeadConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+        config, tensors, path = _read_adapter(model_id, subfolder, hub_kwargs, allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         iav_model = cls(model, config, adapter_name=adapter_name)
-        iav_model._load_head_weights(adapter_name, model_id, subfolder, hub_kwargs)
+        iav_model._set_head_tensors(adapter_name, tensors, path)
         return iav_model
 
     def load_adapter(
@@ -526,14 +547,15 @@ class IAVModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         subfolder: str | None = None,
+        allow_pickle: bool = False,
         **hub_kwargs: Any,
     ) -> None:
         """Load another saved head under `adapter_name` (it is not activated: see `set_adapter`)."""
-        config = AlignmentHeadConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+        config, tensors, path = _read_adapter(model_id, subfolder, hub_kwargs, allow_pickle)
         active = self.adapter_weights
         self.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=not is_trainable))
         try:
-            self._load_head_weights(adapter_name, model_id, subfolder, hub_kwargs)
+            self._set_head_tensors(adapter_name, tensors, path)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -542,13 +564,11 @@ class IAVModel(nn.Module):
     def _load_head_weights(
         self, adapter_name: str, model_id: str | os.PathLike, subfolder: str | None, hub_kwargs: Mapping[str, Any]
     ) -> None:
-        path = resolve_adapter_file(model_id, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise ValueError(
-                f"{path} is corrupt or truncated and cannot be loaded ({err}). Re-save the adapter."
-            ) from err
+        """Load the weights saved in `model_id` into the existing head `adapter_name` (e.g. to resume training)."""
+        _, tensors, path = _read_adapter(model_id, subfolder, hub_kwargs, allow_pickle=False)
+        self._set_head_tensors(adapter_name, tensors, path)
+
+    def _set_head_tensors(self, adapter_name: str, tensors: Mapping[str, torch.Tensor], path: str) -> None:
         head = self.alignment_heads[adapter_name]
         expected = head.state_dict()
         if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
@@ -587,6 +607,97 @@ class IAVModel(nn.Module):
                 revision=revision,
                 create_pr=create_pr,
             )
+
+
+def _read_adapter(
+    model_id: str | os.PathLike, subfolder: str | None, hub_kwargs: Mapping[str, Any], allow_pickle: bool
+) -> tuple[AlignmentHeadConfig, dict[str, torch.Tensor], str]:
+    """
+    A saved head's config, tensors and weights path, checked against each other (see `IAVModel.save_pretrained`).
+
+    Weights whose tensors differ from the digest stored with them are corrupt, as are non-finite weights. A config
+    whose digest differs from the weights' was written by a save that stopped before its weights were renamed into
+    place; the weights are then the previous save's, loaded with the config stored in them.
+    """
+    config_path = resolve_adapter_file(model_id, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+    config, recorded = read_config_file(config_path)
+    tensors, metadata, path = _read_weights(model_id, subfolder, hub_kwargs, allow_pickle)
+    digest = tensor_digest(tensors)
+    if metadata.get(WEIGHTS_DIGEST_KEY, digest) != digest:
+        raise ValueError(
+            f"{path} is corrupt: its tensors do not match the SHA-256 digest saved with them. Re-save or re-download "
+            "the adapter."
+        )
+    if recorded is not None and recorded != digest:
+        if CONFIG_METADATA_KEY not in metadata:
+            raise ValueError(
+                f"{config_path} was saved with other weights than those in {path} (SHA-256 {recorded[:12]}... vs "
+                f"{digest[:12]}...): the two files come from different saves. Re-save the adapter."
+            )
+        logger.warning(
+            "%s belongs to a save that stopped before its weights were written; loading the previous adapter in %s, "
+            "with the config saved in it.",
+            config_path,
+            path,
+        )
+        config = AlignmentHeadConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    non_finite = sorted(name for name, tensor in tensors.items() if not torch.isfinite(tensor).all())
+    if non_finite:
+        raise ValueError(
+            f"{path} holds NaN or inf values in {non_finite}: it was saved from a diverged run. Load an earlier "
+            "checkpoint instead."
+        )
+    return config, tensors, path
+
+
+def _read_weights(
+    model_id: str | os.PathLike, subfolder: str | None, hub_kwargs: Mapping[str, Any], allow_pickle: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """The tensors and safetensors metadata of a saved head; pickles only with `allow_pickle` (else a clear error)."""
+    try:
+        path = resolve_adapter_file(model_id, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    except FileNotFoundError as missing:
+        pickled = _pickled_weights(model_id, subfolder, hub_kwargs, allow_pickle)
+        if pickled is None:
+            raise
+        if not allow_pickle:
+            raise ValueError(
+                f"{pickled} is a pickle file, and iav-trl reads adapter weights from safetensors only "
+                f"({WEIGHTS_NAME}): unpickling a file can run arbitrary code. If you trust its source, pass "
+                "`allow_pickle=True` (it is then read with `torch.load(weights_only=True)`), and re-save the adapter "
+                "with `save_pretrained` to get a safetensors file."
+            ) from missing
+        return _load_pickled(pickled), {}, pickled
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is corrupt or truncated and cannot be loaded ({err}). Re-save the adapter.") from err
+    return tensors, metadata, path
+
+
+def _load_pickled(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a pickle, with `torch.load(weights_only=True)` (no arbitrary objects)."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} cannot be read as a state dict of tensors ({err}).") from err
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors).")
+    return tensors
+
+
+def _pickled_weights(
+    model_id: str | os.PathLike, subfolder: str | None, hub_kwargs: Mapping[str, Any], allow_pickle: bool
+) -> str | None:
+    """An `alignment_head.bin`/`.pt` in a local adapter directory, or on the Hub when pickles are allowed."""
+    if not (allow_pickle or os.path.isdir(os.path.join(os.fspath(model_id), subfolder or ""))):
+        return None
+    for name in PICKLE_WEIGHTS_NAMES:
+        with contextlib.suppress(FileNotFoundError):
+            return resolve_adapter_file(model_id, name, subfolder=subfolder, **hub_kwargs)
+    return None
 
 
 def _rows(strength: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

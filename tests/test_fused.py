@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from iav_trl.fused import STAT_NAMES, fused_token_stats
+from iav_trl.fused import STAT_NAMES, GramCache, fused_token_stats
 from iav_trl.readout import LogitReadout
 
 N, D, V = 11, 16, 97
@@ -123,3 +123,29 @@ def test_only_the_log_probs_gradient_flows_when_the_other_terms_are_unused():
     delta_ref = delta.double().requires_grad_(True)
     reference_stats(LogitReadout(), weight, bias, hidden, delta_ref, labels)["log_probs"].sum().backward()
     torch.testing.assert_close(delta_ours.grad.double(), delta_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["in_place", "through_data", "new_tensor"])
+def test_a_shared_gram_cache_follows_changes_of_the_unembedding(change):
+    weight, bias, hidden, delta, labels = make_inputs(7)
+    gram = GramCache()
+    weights = torch.rand(3, N, dtype=torch.float64)
+
+    def delta_gradient(w):
+        d = delta.clone().requires_grad_(True)
+        weighted_sum(fused_token_stats(LogitReadout(), w, bias, hidden, d, labels, gram=gram), weights).backward()
+        return d.grad
+
+    delta_gradient(weight)  # fills the cache
+    if change == "in_place":
+        with torch.no_grad():
+            weight.mul_(1.5)
+    elif change == "through_data":
+        weight.data.mul_(1.5)  # bypasses the autograd version counter
+    else:
+        weight = weight * 1.5
+    ours = delta_gradient(weight)
+    reference_delta = delta.double().requires_grad_(True)
+    weighted_sum(reference_stats(LogitReadout(), weight, bias, hidden, reference_delta, labels), weights).backward()
+    torch.testing.assert_close(ours.double(), reference_delta.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gram(weight).double(), weight.double().T @ weight.double(), rtol=1e-5, atol=1e-4)
