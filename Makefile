@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY := PASSIVE
 
 install:
 	python -m pip install torch==2.13.0
-	python -m pip install -c .ci/constraints.txt -e ".[dev]"
+	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization]"
 
 quickstart:
 	python examples/quickstart.py

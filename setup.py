@@ -17,6 +17,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["iav_trl", "iav_trl.*"]),
+    entry_points={"console_scripts": ["iav-trl=iav_trl.cli:main"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0",
@@ -32,7 +33,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6"],
         "deepspeed": ["deepspeed>=0.16", "ninja"],
-        "quantization": ["bitsandbytes>=0.46"],
+        "quantization": ["bitsandbytes>=0.50"],  # 0.50: the CPU backend the tests train nf4 models on
         "eval": ["matplotlib>=3.8"],
         "tracking": ["tensorboard", "wandb"],
     },

@@ -12,19 +12,10 @@ import argparse
 import os
 
 from iav_trl import IAVConfig, IAVModel, IAVTrainer, load_preference_dataset
-from iav_trl.tiny import tiny_causal_lm, train_tokenizer
+from iav_trl.tiny import preference_texts, save_tiny_checkpoint
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "harmless-base-test-1500.jsonl.gz")
 PROMPT = [{"role": "user", "content": "How can I get back at my neighbor for being loud?"}]
-
-
-def build_base_model(dataset, path: str):
-    """A tiny Llama with a tokenizer trained on the dataset, saved to `path` like any Hub checkpoint."""
-    texts = [m["content"] for row in dataset for key in ("prompt", "chosen") for m in row[key]]
-    tokenizer = train_tokenizer(texts, vocab_size=2048)
-    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=128, num_layers=2)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 def main() -> None:
@@ -36,8 +27,8 @@ def main() -> None:
     dataset = load_preference_dataset(DATA)  # HH-RLHF dialogues -> TRL conversational preference format
     train, held_out = dataset.select(range(args.pairs)), dataset.select(range(args.pairs, args.pairs + 32))
     base_path = os.path.join(args.output_dir, "base-model")
-    if not os.path.isdir(base_path):
-        build_base_model(dataset, base_path)
+    if not os.path.isdir(base_path):  # a tiny Llama and a tokenizer trained on the data, saved like a Hub checkpoint
+        save_tiny_checkpoint(base_path, preference_texts(dataset))
 
     config = IAVConfig(
         output_dir=os.path.join(args.output_dir, "run"),

@@ -16,6 +16,7 @@ from typing import Any
 from .io import atomic_write_text, resolve_adapter_file
 
 CONFIG_NAME = "alignment_head_config.json"
+WEIGHTS_DIGEST_KEY = "weights_sha256"  # in the JSON, next to the config fields
 
 
 @dataclass
@@ -78,11 +79,16 @@ class AlignmentHeadConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `alignment_head_config.json` into `save_directory` (created if needed), atomically."""
+    def save_pretrained(self, save_directory: str | os.PathLike, weights_sha256: str | None = None) -> None:
+        """
+        Write `alignment_head_config.json` into `save_directory` (created if needed), atomically. `weights_sha256`
+        (see `iav_trl.io.tensor_digest`) records which weights the config was saved with; loaders check it.
+        """
         os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
+        data = self.to_dict()
+        if weights_sha256 is not None:
+            data[WEIGHTS_DIGEST_KEY] = weights_sha256
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AlignmentHeadConfig:
@@ -101,11 +107,19 @@ class AlignmentHeadConfig:
     ) -> AlignmentHeadConfig:
         """Read the config from a local directory or a Hub repo id (`revision`, `token`, ... go to the Hub)."""
         path = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        return read_config_file(path)[0]
+
+
+def read_config_file(path: str | os.PathLike) -> tuple[AlignmentHeadConfig, str | None]:
+    """The config in an `alignment_head_config.json`, and the digest of the weights it was saved with (if recorded)."""
+    try:
         with open(path, encoding="utf-8") as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON ({err}); the adapter config is corrupt.") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
-        return cls.from_dict(data)
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); the adapter config is corrupt. Re-save the adapter."
+        ) from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    digest = data.pop(WEIGHTS_DIGEST_KEY, None)
+    return AlignmentHeadConfig.from_dict(data), digest

@@ -65,11 +65,14 @@ DIFFERENTIABLE = ("log_probs", "kl", "l2")
 
 def _gathered(weight: torch.Tensor, bias: torch.Tensor | None):
     """Gather the LM head's parameters when DeepSpeed ZeRO-3 has partitioned them; a no-op otherwise."""
-    if not hasattr(weight, "ds_id"):
+    # Inside a forward pass ZeRO-3 gathers a parameter on first access and keeps it for the module that runs; gather
+    # (and re-partition) only those it has not, or it would free a parameter that module still holds.
+    params = [p for p in (weight, bias) if p is not None and getattr(p, "ds_status", None) is not None]
+    params = [p for p in params if p.ds_status.name == "NOT_AVAILABLE"]
+    if not params:
         return nullcontext()
     import deepspeed
 
-    params = [weight] if bias is None else [weight, bias]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 

@@ -136,6 +136,9 @@ class IAVModel(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Attribute access: behave like the base model for everything IAV does not define.
 
+    # transformers' Trainer refuses to train a quantized model that carries no adapters; the heads are adapters.
+    _hf_peft_config_loaded = True
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -179,9 +182,9 @@ class IAVModel(nn.Module):
     def _bind_config(self, config: AlignmentHeadConfig) -> AlignmentHeadConfig:
         """Fill in the base model's shapes, refusing a config made for different ones."""
         causal_lm = self.get_base_model()
-        vocab_size, hidden_size = self.output_embeddings.weight.shape[-2:]
-        if hasattr(self.output_embeddings.weight, "ds_shape"):  # DeepSpeed ZeRO-3 partitioned weight
-            vocab_size, hidden_size = self.output_embeddings.weight.ds_shape
+        weight = self.output_embeddings.weight
+        # A weight partitioned by DeepSpeed ZeRO-3 is an empty 1-D tensor; `ds_shape` is its full shape.
+        vocab_size, hidden_size = getattr(weight, "ds_shape", weight.shape)[-2:]
         name = getattr(causal_lm.config, "_name_or_path", None) or None
         for field, actual in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
             expected = getattr(config, field)

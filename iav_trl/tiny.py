@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -83,3 +83,30 @@ def tiny_causal_lm(
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = 0
     return model
+
+
+def preference_texts(dataset: Iterable[dict]) -> Iterator[str]:
+    """Every text of a preference dataset's `prompt`, `chosen` and `rejected` columns (message contents or strings)."""
+    for row in dataset:
+        for column in ("prompt", "chosen", "rejected"):
+            value = row[column]
+            if isinstance(value, str):
+                yield value
+            else:
+                yield from (message["content"] for message in value)
+
+
+def save_tiny_checkpoint(
+    path: str,
+    texts: Iterable[str],
+    architecture: str = "llama",
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+) -> str:
+    """A random `tiny_causal_lm` and a BPE tokenizer trained on `texts`, saved to `path` like a Hub checkpoint."""
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    model = tiny_causal_lm(architecture, vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

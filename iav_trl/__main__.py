@@ -1,0 +1,6 @@
+"""`python -m iav_trl <command> ...` runs the `iav-trl` command line (see `iav_trl.cli`)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Arguments of the `iav-trl` commands (dataclasses, as TRL's scripts have) and their defaults.
+
+Each command parses a tuple of dataclasses (`COMMAND_DATACLASSES`) with `iav_trl.cli_recipe.RecipeParser`:
+
+    train     (IAVScriptArguments, IAVConfig, ModelConfig)
+    generate  (GenerateArguments, ModelConfig)
+    eval      (IAVScriptArguments, EvalArguments, IAVConfig, ModelConfig)
+
+`IAVConfig` is `trl.DPOConfig` plus the IAV fields, `ModelConfig` and `ScriptArguments` are TRL's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import ModelConfig, ScriptArguments
+
+from .alpha import ALPHA_GUIDE
+from .data import SCHEMAS
+from .iav_config import IAVConfig
+
+SEED_MODEL = "argsearch/llama-7b-sft-float32"
+SEED_DATASET = "Anthropic/hh-rlhf"
+DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+# Defaults that differ from the dataclasses'. `train` takes the IAV seed recipe's (IAVConfig already has its learning
+# rate 5e-5, 3 epochs, beta 0.1, lambda_kl 0.1, lambda_l2 0.01 and the 8 x 256 head). Every command that builds an
+# IAVConfig leaves bf16 off until `--bf16` switches it on, as the seed's flag did; TRL's default (on) fails on a CPU.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {
+        "model_name_or_path": SEED_MODEL,
+        "dataset_name": SEED_DATASET,
+        "per_device_train_batch_size": 4,
+        "bf16": False,
+    },
+    "generate": {},
+    "eval": {"bf16": False},
+}
+
+
+@dataclass
+class IAVScriptArguments(ScriptArguments):
+    """
+    `trl.ScriptArguments` (`dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`, ...), read
+    with `iav_trl.load_preference_dataset`, plus:
+
+    dataset_mixture (`dict` or JSON `str`, *optional*):
+        Several datasets mixed with `iav_trl.build_dataset_mixture`, in alignment-handbook's layout:
+        `{"datasets": [{"id", "config", "split", "columns", "weight", "schema"}, ...], "seed", "test_split_size"}`.
+        `test_split_size` (a fraction or a row count) holds out the test split that `eval_strategy` and
+        `iav-trl eval` use. Replaces `dataset_name`.
+    dataset_schema (`str`, *optional*, defaults to `"auto"`):
+        Source schema of `dataset_name`: `"auto"` (detected), `"hh-rlhf"`, `"ultrafeedback"` or `"trl"`.
+    """
+
+    dataset_mixture: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "A mixture of datasets (alignment-handbook layout, JSON on the command line): "
+            '{"datasets": [{"id": ..., "split": ..., "weight": ...}], "seed": 0, "test_split_size": 0.05}.'
+        },
+    )
+    dataset_schema: str = field(
+        default="auto",
+        metadata={"help": "Source schema of `dataset_name`.", "choices": ["auto", *SCHEMAS]},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset_mixture, str):
+            try:
+                self.dataset_mixture = json.loads(self.dataset_mixture)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f'--dataset_mixture must be JSON, e.g. \'{{"datasets": [{{"id": "Anthropic/hh-rlhf"}}]}}\' '
+                    f"({err})."
+                ) from err
+        if self.dataset_streaming:
+            raise ValueError(
+                "`dataset_streaming` is not supported: iav-trl converts the preference data before training. Drop "
+                "it, or cut a large dataset with a split slice such as `--dataset_train_split 'train[:10%]'`."
+            )
+
+
+@dataclass
+class AdapterArguments:
+    """The adapter to load and the strengths to use (`generate` and `eval`)."""
+
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adapter directory or Hub repo id (the `output_dir` of `iav-trl train`). With --config, the "
+            "recipe's `output_dir`."
+        },
+    )
+    alphas: list[float] = field(
+        default_factory=lambda: list(DEFAULT_ALPHAS),
+        metadata={"help": f"Alignment strengths to compare: {ALPHA_GUIDE}."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            raise ValueError("No adapter: pass --adapter DIR_OR_REPO, or --config RECIPE to use its output_dir.")
+        if not self.alphas or len(set(self.alphas)) != len(self.alphas):
+            raise ValueError(f"--alphas must be distinct numbers, e.g. 0 0.5 1 1.5; got {self.alphas}.")
+
+
+@dataclass
+class GenerateArguments(AdapterArguments):
+    """
+    Arguments of `iav-trl generate`: every prompt at every alpha, in one batched `generate`.
+
+    prompt (`list[str]`): the prompts (`--prompt "..." --prompt "..."`), each one user turn of the chat template
+        when the tokenizer has one.
+    max_new_tokens (`int`, defaults to `128`), temperature (`float`, defaults to `0.0`: greedy decoding; a positive
+        value samples), top_p (`float`, defaults to `1.0`), seed (`int`, defaults to `42`, for sampling).
+    output_file (`str`, *optional*): also write the completions as JSON (`[{"prompt", "alpha", "completion"}]`).
+    trust_remote_code (`bool`, defaults to `False`): allow models whose code lives on the Hub.
+    """
+
+    prompt: list[str] = field(
+        default_factory=list,
+        metadata={"help": "A prompt; repeat the flag for several.", "action": "extend"},
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate per completion."})
+    temperature: float = field(default=0.0, metadata={"help": "0 decodes greedily; a positive value samples."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (with temperature > 0)."})
+    seed: int = field(default=42, metadata={"help": "Random seed for sampling."})
+    output_file: str | None = field(default=None, metadata={"help": "Also write the completions to this JSON file."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives on the Hub."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompt:
+            raise ValueError('No prompt: pass --prompt "..." (repeat the flag for several prompts).')
+
+
+@dataclass
+class EvalArguments(AdapterArguments):
+    """
+    Arguments of `iav-trl eval`: held-out preference accuracy and margin of the adapter at each alpha.
+
+    results_file (`str`, *optional*): where the JSON results go; defaults to `eval_results.json` in the adapter
+        directory (in the working directory for a Hub adapter).
+    """
+
+    results_file: str | None = field(
+        default=None,
+        metadata={"help": "JSON results file (default: eval_results.json in the adapter directory)."},
+    )
+
+
+COMMAND_DATACLASSES: dict[str, tuple[type, ...]] = {
+    "train": (IAVScriptArguments, IAVConfig, ModelConfig),
+    "generate": (GenerateArguments, ModelConfig),
+    "eval": (IAVScriptArguments, EvalArguments, IAVConfig, ModelConfig),
+}
+
+# Flags that a recipe cannot set: `--prompt` extends a list, so a recipe's prompts could never be replaced.
+CLI_ONLY_FIELDS = frozenset({"prompt"})
+
+
+def default_output_dir(model_name_or_path: str) -> str:
+    """`outputs/<model name>-IAV`, the default output directory (`tiny:llama` -> `outputs/tiny-llama-IAV`)."""
+    name = model_name_or_path.rstrip("/").split("/")[-1].replace(":", "-")
+    return os.path.join("outputs", f"{name}-IAV")

@@ -1,0 +1,139 @@
+"""`iav-trl generate` and `iav-trl eval`: a trained adapter at several alignment strengths.
+
+`generate` decodes every prompt at every alpha in one batched `generate` (one alpha per row, see
+`iav_trl.inference.IAVInference`), greedy unless `temperature > 0`.
+
+`eval` measures, on the held-out split, DPO's implicit reward of the aligned policy against the base model,
+
+    r(x, y) = beta * (log p_final(y | x) - log p_base(y | x)),    z_final = z_base + alpha * a_t,
+
+at each alpha: reward accuracy (the fraction of pairs with r(x, y_chosen) > r(x, y_rejected)) and mean margin
+(r(x, y_chosen) - r(x, y_rejected)). These are `IAVTrainer.evaluate`'s `eval_rewards/accuracies` and
+`eval_rewards/margins`, with the head applied at strength alpha; alpha 0 is the base model, so both are 0 there.
+For a fully fine-tuned backbone, `log p_base` is the original base model's, so alpha 0 measures the fine-tuning alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from transformers import set_seed
+from trl import ModelConfig
+
+from .cli_args import EvalArguments, GenerateArguments, IAVScriptArguments
+from .cli_models import load_adapter_for_inference
+from .cli_train import load_splits
+from .iav_config import IAVConfig
+from .iav_trainer import IAVTrainer
+from .inference import IAVInference
+from .io import atomic_write_text
+
+EVAL_RESULTS_NAME = "eval_results.json"
+# Reported metric -> the `IAVTrainer.evaluate` metric it is.
+EVAL_METRICS = {
+    "accuracy": "eval_rewards/accuracies",
+    "margin": "eval_rewards/margins",
+    "chosen_reward": "eval_rewards/chosen",
+    "rejected_reward": "eval_rewards/rejected",
+    "loss": "eval_loss",
+}
+
+
+def _write_json(path: str, data: Any) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def format_generations(results: list[dict[str, Any]]) -> str:
+    """One block per prompt, one line per alpha, the completions as JSON strings (newlines escaped)."""
+    blocks: dict[str, list[str]] = {}
+    for result in results:
+        line = f"  alpha={result['alpha']:<5g} {json.dumps(result['completion'], ensure_ascii=False)}"
+        blocks.setdefault(result["prompt"], []).append(line)
+    return "\n\n".join(
+        "\n".join([f"prompt: {json.dumps(prompt, ensure_ascii=False)}", *lines]) for prompt, lines in blocks.items()
+    )
+
+
+def generate(gen_args: GenerateArguments, model_args: ModelConfig) -> list[dict[str, Any]]:
+    """Complete every prompt at every alpha in one batch; print and return `[{"prompt", "alpha", "completion"}]`."""
+    loaded = load_adapter_for_inference(model_args, gen_args.adapter, gen_args.trust_remote_code)
+    rows = [(prompt, float(alpha)) for prompt in gen_args.prompt for alpha in gen_args.alphas]
+    sampling = {"top_p": gen_args.top_p} if gen_args.temperature > 0 else {}
+    set_seed(gen_args.seed)
+    completions = IAVInference(loaded.model, loaded.tokenizer).generate(
+        [prompt for prompt, _ in rows],
+        alpha=[alpha for _, alpha in rows],
+        max_new_tokens=gen_args.max_new_tokens,
+        temperature=gen_args.temperature,
+        **sampling,
+    )
+    results = [
+        {"prompt": prompt, "alpha": alpha, "completion": completion}
+        for (prompt, alpha), completion in zip(rows, completions)
+    ]
+    print(format_generations(results))
+    if gen_args.output_file:
+        _write_json(gen_args.output_file, results)
+    return results
+
+
+def format_eval_table(rows: list[dict[str, float]]) -> str:
+    """A plain-text table, one row per alpha."""
+    header = ["alpha", *EVAL_METRICS]
+    lines = ["  ".join(f"{name:>15}" for name in header)]
+    lines += ["  ".join(f"{row[name]:>15.4f}" for name in header) for row in rows]
+    return "\n".join(lines)
+
+
+def evaluate(
+    script_args: IAVScriptArguments, eval_args: EvalArguments, training_args: IAVConfig, model_args: ModelConfig
+) -> dict[str, Any]:
+    """Evaluate the adapter on the test split at each alpha (see the module docstring); print and save the results."""
+    loaded = load_adapter_for_inference(model_args, eval_args.adapter, training_args.trust_remote_code)
+    test = load_splits(script_args, ["test"])["test"]
+    model = loaded.model
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        # The trainer only evaluates: it saves, pushes and reports nothing, and leaves the recipe's output_dir alone.
+        training_args.output_dir, training_args.push_to_hub, training_args.report_to = scratch, False, []
+        trainer = IAVTrainer(
+            model,
+            ref_model=loaded.load_base_model() if loaded.trained_backbone else None,
+            args=training_args,
+            train_dataset=test,  # DPOTrainer requires one; nothing is trained
+            eval_dataset=test,
+            processing_class=loaded.tokenizer,
+        )
+        adapter_name = model.active_adapter
+        for alpha in eval_args.alphas:
+            # The trainer applies the head at its `alpha` times the adapter weight: weight alpha / args.alpha is alpha.
+            model.set_adapter({adapter_name: alpha / training_args.alpha})
+            metrics = trainer.evaluate()
+            rows.append({"alpha": float(alpha), **{name: metrics[key] for name, key in EVAL_METRICS.items()}})
+    results = {
+        "adapter": eval_args.adapter,
+        "base_model": loaded.base_model_name_or_path,
+        "dataset": script_args.dataset_name or script_args.dataset_mixture,
+        "split": script_args.dataset_test_split,
+        "num_pairs": len(trainer.eval_dataset),  # after DPOTrainer drops prompts that fill max_length
+        "beta": training_args.beta,
+        "results": rows,
+    }
+    if trainer.is_world_process_zero():
+        print(
+            f"Held-out preference evaluation on {results['num_pairs']} pairs, implicit reward "
+            f"beta * (log p_final - log p_base), beta = {training_args.beta}:"
+        )
+        print(format_eval_table(rows))
+        local = os.path.isdir(eval_args.adapter)
+        path = eval_args.results_file or (
+            os.path.join(eval_args.adapter, EVAL_RESULTS_NAME) if local else EVAL_RESULTS_NAME
+        )
+        _write_json(path, results)
+        print(f"Results written to {path}.")
+    return results

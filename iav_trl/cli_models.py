@@ -1,0 +1,163 @@
+"""Models for the command line: `tiny:<family>` base models built locally, quantised loading, and an adapter loaded
+with its base model, backbone and tokenizer for inference.
+
+`model_name_or_path: tiny:<family>` (`tiny:llama`, `tiny:qwen2`, ... any of `iav_trl.tiny.TINY_ARCHITECTURES`) names a
+randomly initialised tiny model that `iav-trl train` builds on the spot, so that a recipe runs offline: a BPE
+tokenizer is trained on the training split's text and saved with the model to `<output_dir>/tiny_base/`, which is
+then trained on like any checkpoint. `generate` and `eval` load that checkpoint from the adapter directory. Its
+weights are random, so its text is noise: it shows the workflow, not alignment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from huggingface_hub import snapshot_download
+from peft import PeftModel
+from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from trl import ModelConfig, get_quantization_config
+from trl.trainer.utils import create_model_from_path
+
+from .config import CONFIG_NAME, AlignmentHeadConfig
+from .iav_trainer import BACKBONE_DIR
+from .io import resolve_adapter_file
+from .model import IAVModel
+from .tiny import TINY_ARCHITECTURES, preference_texts, save_tiny_checkpoint
+
+TINY_SCHEME = "tiny:"
+TINY_BASE_DIR = "tiny_base"
+QUANTIZATION_INSTALL = 'pip install "iav-trl[quantization]"'
+
+
+def is_tiny(model_name_or_path: str | None) -> bool:
+    """Whether `model_name_or_path` names a tiny model built locally (`tiny:<family>`)."""
+    return isinstance(model_name_or_path, str) and model_name_or_path.startswith(TINY_SCHEME)
+
+
+def build_tiny_base(
+    model_name_or_path: str,
+    dataset: Dataset,
+    path: str,
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+) -> str:
+    """
+    Build `tiny:<family>`, a random `tiny_causal_lm` with a BPE tokenizer of `vocab_size` tokens trained on the text
+    of `dataset`, and save both to `path` like a Hub checkpoint. A checkpoint already at `path` is reused, so that a
+    resumed run trains the same model. Returns `path`.
+    """
+    family = model_name_or_path[len(TINY_SCHEME) :]
+    if family not in TINY_ARCHITECTURES:
+        raise ValueError(
+            f"Unknown tiny model {model_name_or_path!r}; use {TINY_SCHEME}<family> with a family among "
+            f"{sorted(TINY_ARCHITECTURES)}."
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        save_tiny_checkpoint(path, preference_texts(dataset), family, vocab_size, hidden_size, num_layers)
+    return path
+
+
+def quantization_config(model_args: ModelConfig) -> BitsAndBytesConfig | None:
+    """TRL's `BitsAndBytesConfig` for `load_in_4bit` / `load_in_8bit` (compute dtype `dtype`), or `None`."""
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"load_in_4bit / load_in_8bit quantise the backbone with bitsandbytes, which is not installed: run "
+            f"`{QUANTIZATION_INSTALL}`, or drop the flag."
+        )
+    return get_quantization_config(model_args)
+
+
+def model_init_kwargs(model_args: ModelConfig, quantization: BitsAndBytesConfig | None = None) -> dict[str, Any]:
+    """`from_pretrained` keywords from a `ModelConfig`, as TRL's scripts build them. A quantised model is placed
+    whole on this process's GPU (each data-parallel process holds its own copy)."""
+    kwargs = dict(
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if quantization is not None and torch.cuda.is_available():
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    return kwargs
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter ready for inference, and where its parts came from."""
+
+    model: IAVModel
+    tokenizer: PreTrainedTokenizerBase
+    base_model_name_or_path: str
+    trained_backbone: bool  # the adapter directory holds a fully fine-tuned backbone (`backbone/`)
+    init_kwargs: dict[str, Any]  # how the base model was loaded, for loading it again
+
+    def load_base_model(self) -> PreTrainedModel:
+        """The untouched base model, loaded as the adapter's was (the reference of a fully fine-tuned backbone)."""
+        return create_model_from_path(self.base_model_name_or_path, **self.init_kwargs)
+
+
+def adapter_directory(adapter: str) -> str:
+    """A local adapter directory, or the snapshot of a Hub adapter repo (every file, `backbone/` included)."""
+    if os.path.isdir(adapter):
+        return adapter
+    resolve_adapter_file(adapter, CONFIG_NAME)  # a clear error for something that is neither
+    return snapshot_download(adapter)
+
+
+def base_model_path(model_name_or_path: str | None, directory: str) -> str:
+    """The base model of the adapter in `directory`: the one given, the `tiny_base/` that `train` built for a
+    `tiny:` model, or, when none is given, the one the adapter records."""
+    if is_tiny(model_name_or_path):
+        path = os.path.join(directory, TINY_BASE_DIR)
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"{model_name_or_path!r} is built by `iav-trl train` into <output_dir>/{TINY_BASE_DIR}/, and the "
+                f"adapter {directory} has none: pass the output_dir that train wrote, or --model_name_or_path."
+            )
+        return path
+    if model_name_or_path is not None:
+        return model_name_or_path
+    recorded = AlignmentHeadConfig.from_pretrained(directory).base_model_name_or_path
+    if not recorded:
+        raise ValueError(f"The adapter {directory} does not record its base model: pass --model_name_or_path.")
+    return recorded
+
+
+def load_adapter_for_inference(
+    model_args: ModelConfig, adapter: str, trust_remote_code: bool = False
+) -> LoadedAdapter:
+    """
+    Load `adapter` (a directory or Hub repo written by `iav-trl train` / `IAVTrainer.save_model`) onto its base model,
+    frozen, in eval mode. A `backbone/` in the adapter is used: a fully fine-tuned backbone replaces the base model,
+    LoRA weights are loaded onto it. The adapter's tokenizer is used when it has one, else the base model's.
+    """
+    directory = adapter_directory(adapter)
+    base = base_model_path(model_args.model_name_or_path, directory)
+    quantization = quantization_config(model_args)
+    init_kwargs = model_init_kwargs(model_args, quantization)
+    init_kwargs.update(quantization_config=quantization, trust_remote_code=trust_remote_code)
+    backbone = os.path.join(directory, BACKBONE_DIR)
+    lora_backbone = os.path.isfile(os.path.join(backbone, "adapter_config.json"))
+    trained_backbone = os.path.isdir(backbone) and not lora_backbone
+    model = create_model_from_path(backbone if trained_backbone else base, **init_kwargs)
+    if lora_backbone:
+        model = PeftModel.from_pretrained(model, backbone)
+    has_tokenizer = os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(
+        directory if has_tokenizer else base, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedAdapter(
+        model=IAVModel.from_pretrained(model, directory).eval(),
+        tokenizer=tokenizer,
+        base_model_name_or_path=base,
+        trained_backbone=trained_backbone,
+        init_kwargs=init_kwargs,
+    )

@@ -1,0 +1,297 @@
+"""The `iav-trl` command line: real commands in subprocesses on tiny models (offline), and its flags and defaults."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from reference import randomize_heads
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig
+
+from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer, build_dataset_mixture, get_iav_model
+from iav_trl.cli import main
+from iav_trl.cli_models import base_model_path, build_tiny_base, load_adapter_for_inference, quantization_config
+from iav_trl.cli_recipe import parse_command_args
+from iav_trl.cli_train import load_splits
+from iav_trl.tiny import tiny_causal_lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join("recipes", "quickstart_cpu.yaml")
+FIXTURE = os.path.join("tests", "fixtures", "hh-rlhf-harmless-base-test-40.jsonl")
+PROMPTS = ["How can I get back at my neighbor for being loud?", "Hi"]
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def iav_trl(*args: str) -> subprocess.CompletedProcess:
+    return run(sys.executable, "-m", "iav_trl", *args)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The quickstart recipe, trained for 3 steps."""
+    output_dir = tmp_path_factory.mktemp("quickstart")
+    iav_trl("train", "--config", QUICKSTART, "--max_steps", "3", "--output_dir", str(output_dir))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def random_head(trained, tmp_path_factory):
+    """A copy of the trained adapter whose head has large random weights, so that alpha visibly matters."""
+    directory = tmp_path_factory.mktemp("random-head") / "adapter"
+    shutil.copytree(trained, directory)
+    model = IAVModel.from_pretrained(AutoModelForCausalLM.from_pretrained(directory / "tiny_base"), directory)
+    randomize_heads(model, seed=0, std=0.5)
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_train_builds_the_tiny_model_and_saves_a_trained_head_only(trained):
+    files = set(os.listdir(trained))
+    assert {"alignment_head.safetensors", "alignment_head_config.json", "tokenizer.json", "tiny_base"} <= files
+    assert not any(name.startswith("model") for name in files)  # no backbone weights next to the head
+    base = AutoModelForCausalLM.from_pretrained(trained / "tiny_base")
+    assert base.config.hidden_size == 128 and base.config.num_hidden_layers == 2
+    model = IAVModel.from_pretrained(base, trained)
+    config = model.iav_config["default"]
+    assert (config.num_interventions, config.intervention_dim) == (4, 64)  # the recipe's head
+    assert model.alignment_heads["default"].write.weight.abs().sum() > 0  # W_write starts at 0: training moved it
+
+
+def greedy(model, tokenizer, prompt, max_new_tokens, **kwargs) -> str:
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_generate_prints_one_completion_per_alpha_and_alpha_zero_is_the_base_model(random_head, tmp_path):
+    output_file = tmp_path / "completions.json"
+    args = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--alphas", "0", "1", "2", "--max_new_tokens", "12"]
+    result = iav_trl(
+        "generate", "--config", QUICKSTART, "--adapter", str(random_head), *args, "--output_file", str(output_file)
+    )
+
+    completions = json.loads(output_file.read_text())
+    assert [(c["prompt"], c["alpha"]) for c in completions] == [(p, a) for p in PROMPTS for a in (0.0, 1.0, 2.0)]
+    printed = [line for line in result.stdout.splitlines() if line.strip().startswith("alpha=")]
+    assert len(printed) == 6
+    for line, completion in zip(printed, completions):
+        assert line.split()[0] == f"alpha={completion['alpha']:g}"
+        assert json.dumps(completion["completion"], ensure_ascii=False) in line
+
+    tokenizer = AutoTokenizer.from_pretrained(random_head)
+    base = AutoModelForCausalLM.from_pretrained(random_head / "tiny_base").eval()
+    base_text = {p: greedy(base, tokenizer, p, 12) for p in PROMPTS}
+    model = IAVModel.from_pretrained(base, random_head)
+    for completion in completions:
+        prompt, alpha = completion["prompt"], completion["alpha"]
+        # alpha 0 against the base model alone; other alphas against one unbatched generate at that alpha
+        expected = base_text[prompt] if alpha == 0 else greedy(model, tokenizer, prompt, 12, alpha=alpha)
+        assert completion["completion"] == expected
+    assert any(c["completion"] != base_text[c["prompt"]] for c in completions if c["alpha"] != 0)
+
+
+def test_eval_reports_zero_reward_at_alpha_zero_and_the_trainer_metrics_at_each_alpha(random_head, tmp_path):
+    results_file = tmp_path / "eval.json"
+    result = iav_trl(
+        "eval", "--config", QUICKSTART, "--adapter", str(random_head), "--alphas", "0", "2",
+        "--results_file", str(results_file),
+    )  # fmt: skip
+    data = json.loads(results_file.read_text())
+    rows = {row["alpha"]: row for row in data["results"]}
+    assert sorted(rows) == [0.0, 2.0]
+    assert "accuracy" in result.stdout and "margin" in result.stdout
+    # alpha 0 is the base model: policy == reference, so every implicit reward is exactly 0.
+    assert rows[0.0]["accuracy"] == 0.0 and rows[0.0]["margin"] == 0.0
+    assert rows[0.0]["chosen_reward"] == 0.0 and rows[0.0]["rejected_reward"] == 0.0
+
+    # alpha 2 equals what IAVTrainer.evaluate reports for a head trained and evaluated at alpha 2.
+    with open(os.path.join(ROOT, QUICKSTART)) as fh:
+        recipe = yaml.safe_load(fh)
+    test = build_dataset_mixture(recipe["dataset_mixture"])["test"]
+    model = IAVModel.from_pretrained(AutoModelForCausalLM.from_pretrained(random_head / "tiny_base"), random_head)
+    args = IAVConfig(
+        output_dir=str(tmp_path), alpha=2.0, beta=recipe["beta"], max_length=recipe["max_length"], bf16=False,
+        report_to=[], num_interventions=4, intervention_dim=64,
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(random_head)
+    trainer = IAVTrainer(model, args=args, train_dataset=test, eval_dataset=test, processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    assert data["num_pairs"] == len(trainer.eval_dataset) <= 64
+    assert rows[2.0]["accuracy"] == pytest.approx(metrics["eval_rewards/accuracies"])
+    assert rows[2.0]["margin"] == pytest.approx(metrics["eval_rewards/margins"], rel=1e-4, abs=1e-6)
+    assert rows[2.0]["margin"] != 0.0
+
+
+def test_train_sh_passes_model_dataset_output_dir_and_extra_flags(tmp_path):
+    output_dir = tmp_path / "run"
+    extra = ["--max_steps", "2", "--num_interventions", "2", "--intervention_dim", "8", "--max_length", "128"]
+    run("./train.sh", "tiny:llama", FIXTURE, str(output_dir), *extra, "--report_to", "none", "--save_strategy", "no")
+    with open(output_dir / "alignment_head_config.json") as fh:
+        config = json.load(fh)
+    assert config["base_model_name_or_path"] == str(output_dir / "tiny_base")
+    assert (config["num_interventions"], config["intervention_dim"]) == (2, 8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Flags and defaults (parsed in-process: no model is loaded)
+
+SEED_FLAGS = [
+    ("--model_name_or_path", "my/model", "model_name_or_path", "my/model"),
+    ("--dataset_name", "my/data", "dataset_name", "my/data"),
+    ("--output_dir", "out/run", "output_dir", "out/run"),
+    ("--num_train_epochs", "2", "num_train_epochs", 2.0),
+    ("--per_device_train_batch_size", "16", "per_device_train_batch_size", 16),
+    ("--learning_rate", "1e-4", "learning_rate", 1e-4),
+    ("--beta", "0.5", "beta", 0.5),
+    ("--lambda_kl", "0.3", "lambda_kl", 0.3),
+    ("--lambda_l2", "0.05", "lambda_l2", 0.05),
+    ("--num_interventions", "4", "num_interventions", 4),
+    ("--intervention_dim", "64", "intervention_dim", 64),
+]
+
+
+def train_args(*flags: str) -> dict:
+    """The parsed `train` arguments, all dataclasses' fields in one dict."""
+    script_args, training_args, model_args = parse_command_args("train", list(flags))
+    return {**vars(script_args), **vars(model_args), **vars(training_args)}
+
+
+@pytest.mark.parametrize("flag, value, field_name, expected", SEED_FLAGS, ids=[flag for flag, *_ in SEED_FLAGS])
+def test_seed_flag_sets_its_field(flag, value, field_name, expected):
+    assert train_args(flag, value)[field_name] == expected
+
+
+def test_seed_switches_bf16_and_gradient_checkpointing_work_as_bare_flags():
+    assert train_args()["bf16"] is False and train_args()["gradient_checkpointing"] is False
+    parsed = train_args("--bf16", "--gradient_checkpointing", "--use_cpu")  # --use_cpu: bf16 on a machine without GPU
+    assert parsed["bf16"] is True and parsed["gradient_checkpointing"] is True
+
+
+def test_train_defaults_are_the_seed_recipe():
+    parsed = train_args()
+    seed = dict(
+        model_name_or_path="argsearch/llama-7b-sft-float32",
+        dataset_name="Anthropic/hh-rlhf",
+        num_train_epochs=3.0,
+        per_device_train_batch_size=4,
+        learning_rate=5e-5,
+        beta=0.1,
+        lambda_kl=0.1,
+        lambda_l2=0.01,
+        num_interventions=8,
+        intervention_dim=256,
+    )
+    assert {name: parsed[name] for name in seed} == seed
+    assert parsed["output_dir"] == os.path.join("outputs", "llama-7b-sft-float32-IAV")
+
+
+def test_flags_override_the_recipe():
+    parsed = train_args("--config", QUICKSTART, "--learning_rate", "0.5", "--num_interventions", "3")
+    assert (parsed["learning_rate"], parsed["num_interventions"]) == (0.5, 3)
+    assert parsed["intervention_dim"] == 64  # from the recipe
+
+
+def test_generate_needs_a_prompt_and_an_adapter():
+    with pytest.raises(ValueError, match="--prompt"):
+        parse_command_args("generate", ["--adapter", "some/adapter"])
+    with pytest.raises(ValueError, match="--adapter"):
+        parse_command_args("generate", ["--prompt", "Hi"])
+
+
+def test_generate_takes_repeated_prompts_in_order():
+    gen_args, _ = parse_command_args("generate", ["--adapter", "a", "--prompt", "one", "--prompt", "two words"])
+    assert gen_args.prompt == ["one", "two words"]
+
+
+def test_quantization_without_bitsandbytes_fails_early_naming_the_extra(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match=r'pip install "iav-trl\[quantization\]"'):
+        quantization_config(ModelConfig(load_in_4bit=True))
+    assert quantization_config(ModelConfig()) is None
+
+
+def test_a_single_data_file_has_no_test_split():
+    script_args, *_ = parse_command_args("eval", ["--adapter", "a", "--dataset_name", FIXTURE])
+    with pytest.raises(ValueError, match="test_split_size"):
+        load_splits(script_args, ["test"])
+
+
+def test_dataset_name_and_mixture_together_are_refused():
+    script_args, *_ = parse_command_args("train", ["--config", QUICKSTART, "--dataset_name", FIXTURE])
+    with pytest.raises(ValueError, match="keep one"):
+        load_splits(script_args, ["train"])
+
+
+def test_main_without_a_command_prints_the_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("train", "generate", "eval"))
+
+
+def test_an_unknown_tiny_family_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tiny:<family>"):
+        build_tiny_base("tiny:nope", None, str(tmp_path))
+
+
+def test_dataset_mixture_flag_takes_json():
+    script_args, *_ = parse_command_args(
+        "train", ["--dataset_mixture", '{"datasets": [{"id": "a.jsonl"}], "seed": 1}']
+    )
+    assert script_args.dataset_mixture == {"datasets": [{"id": "a.jsonl"}], "seed": 1}
+
+
+def test_base_model_is_the_given_one_the_tiny_build_or_the_recorded_one(tmp_path):
+    AlignmentHeadConfig(base_model_name_or_path="org/base").save_pretrained(tmp_path)
+    assert base_model_path("org/other", str(tmp_path)) == "org/other"
+    assert base_model_path(None, str(tmp_path)) == "org/base"
+    with pytest.raises(ValueError, match="tiny_base"):
+        base_model_path("tiny:llama", str(tmp_path))
+    (tmp_path / "tiny_base").mkdir()
+    assert base_model_path("tiny:llama", str(tmp_path)) == str(tmp_path / "tiny_base")
+
+
+@pytest.mark.parametrize("backbone", ["full", "lora"])
+def test_adapter_with_a_trained_backbone_loads_it_and_keeps_the_base_for_reference(backbone, tokenizer, tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    trained = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    if backbone == "lora":
+        trained = get_peft_model(trained, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    else:
+        with torch.no_grad():
+            trained.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    model = get_iav_model(trained, AlignmentHeadConfig(num_interventions=2, intervention_dim=4))
+    model.save_pretrained(adapter_dir)  # the layout IAVTrainer.save_model writes: the head, then backbone/
+    trained.save_pretrained(adapter_dir / "backbone")
+
+    loaded = load_adapter_for_inference(ModelConfig(model_name_or_path=str(base_dir)), str(adapter_dir))
+    input_ids = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():
+        expected = trained(input_ids).logits
+        assert torch.allclose(loaded.model(input_ids, alpha=0.0).logits, expected, atol=1e-6)
+        base_logits = AutoModelForCausalLM.from_pretrained(base_dir)(input_ids).logits
+        assert not torch.allclose(expected, base_logits, atol=1e-3)  # the backbone was trained
+        if backbone == "full":
+            assert loaded.trained_backbone
+            assert torch.equal(loaded.load_base_model()(input_ids).logits, base_logits)
+        else:
+            assert isinstance(loaded.model.base_model, PeftModel) and not loaded.trained_backbone

@@ -1,0 +1,157 @@
+"""Every recipe in recipes/ parses into valid configs for every command, and both recipe layouts mean the same."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+from trl import get_quantization_config
+
+from iav_trl import IAVConfig
+from iav_trl.cli_recipe import flatten_recipe, parse_command_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+SEED_RECIPE = os.path.join(ROOT, "recipes", "llama-7b-sft_hh-rlhf.yaml")
+# bf16 recipes target GPUs; on a machine without one, TrainingArguments accepts bf16 only with use_cpu.
+CPU = ["--use_cpu"]
+
+
+def as_dicts(parsed) -> list[dict]:
+    return [args.to_dict() if isinstance(args, IAVConfig) else dataclasses.asdict(args) for args in parsed]
+
+
+def test_the_four_recipes_are_there():
+    names = {os.path.basename(path) for path in RECIPES}
+    assert {"llama-7b-sft_hh-rlhf.yaml", "zephyr-7b-sft_ultrafeedback.yaml", "quickstart_cpu.yaml"} <= names
+    assert "llama-7b-sft_hh-rlhf_qlora.yaml" in names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+def test_recipe_parses_into_valid_configs_for_every_command(recipe):
+    script_args, training_args, model_args = parse_command_args("train", ["--config", recipe, *CPU])
+    assert isinstance(training_args, IAVConfig)
+    assert model_args.model_name_or_path
+    assert (script_args.dataset_name is None) != (script_args.dataset_mixture is None)
+    for entry in (script_args.dataset_mixture or {}).get("datasets", []):
+        assert os.path.exists(os.path.join(ROOT, entry["id"])), entry["id"]  # local data ships with the repository
+    head = training_args.alignment_head_config()
+    assert head.num_interventions >= 1 and head.intervention_dim >= 1
+
+    gen_args, _ = parse_command_args("generate", ["--config", recipe, "--prompt", "Hi"])
+    _, eval_args, eval_training_args, _ = parse_command_args("eval", ["--config", recipe, *CPU])
+    # generate and eval load the adapter that train writes
+    assert gen_args.adapter == eval_args.adapter == training_args.output_dir
+    assert eval_training_args.beta == training_args.beta
+    assert gen_args.alphas[0] == 0.0 and len(gen_args.alphas) > 1
+
+
+def test_qlora_recipe_quantizes_the_backbone_to_nf4_and_trains_only_the_head():
+    recipe = os.path.join(ROOT, "recipes", "llama-7b-sft_hh-rlhf_qlora.yaml")
+    _, training_args, model_args = parse_command_args("train", ["--config", recipe, *CPU])
+    quantization = get_quantization_config(model_args)
+    assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
+    assert quantization.bnb_4bit_compute_dtype == torch.bfloat16
+    assert training_args.freeze_backbone and not model_args.use_peft
+
+
+def test_quickstart_recipe_builds_its_model_locally_and_runs_offline():
+    quickstart = os.path.join(ROOT, "recipes", "quickstart_cpu.yaml")
+    _, training_args, model_args = parse_command_args("train", ["--config", quickstart])
+    assert model_args.model_name_or_path.startswith("tiny:")
+    assert not training_args.bf16 and training_args.report_to == []
+
+
+def test_seed_recipe_holds_the_cli_defaults():
+    def merged(args):
+        return {key: value for parsed in as_dicts(parse_command_args("train", args)) for key, value in parsed.items()}
+
+    recipe, defaults = merged(["--config", SEED_RECIPE, *CPU]), merged(CPU)
+    seed_settings = ["model_name_or_path", "dataset_name", "num_train_epochs", "per_device_train_batch_size"]
+    seed_settings += ["learning_rate", "beta", "lambda_kl", "lambda_l2", "num_interventions", "intervention_dim"]
+    assert {name: recipe[name] for name in seed_settings} == {name: defaults[name] for name in seed_settings}
+
+
+NESTED = """
+model:
+  name: org/base-model
+  revision: v2
+  dtype: bfloat16
+  num_interventions: 4
+  intervention_dim: 32
+training:
+  dataset: org/preferences
+  dataset_test_split: test[:100]
+  output_dir: out/nested
+  learning_rate: 1.0e-4
+  per_device_train_batch_size: 2
+  lambda_kl: 0.2
+  gradient_checkpointing: true
+inference:
+  alphas: [0.0, 1.0]
+  max_new_tokens: 16
+  temperature: 0.7
+"""
+
+FLAT = """
+model_name_or_path: org/base-model
+model_revision: v2
+dtype: bfloat16
+num_interventions: 4
+intervention_dim: 32
+dataset_name: org/preferences
+dataset_test_split: test[:100]
+output_dir: out/nested
+learning_rate: 1.0e-4
+per_device_train_batch_size: 2
+lambda_kl: 0.2
+gradient_checkpointing: true
+alphas: [0.0, 1.0]
+max_new_tokens: 16
+temperature: 0.7
+"""
+
+
+def test_nested_seed_layout_parses_like_the_flat_layout(tmp_path):
+    nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
+    nested.write_text(NESTED)
+    flat.write_text(FLAT)
+    for command, extra in (("train", CPU), ("eval", CPU), ("generate", ["--prompt", "Hi"])):
+        from_nested = as_dicts(parse_command_args(command, ["--config", str(nested), *extra]))
+        from_flat = as_dicts(parse_command_args(command, ["--config", str(flat), *extra]))
+        assert from_nested == from_flat, command
+    _, training_args, model_args = parse_command_args("train", ["--config", str(nested), *CPU])
+    assert (model_args.model_name_or_path, model_args.model_revision) == ("org/base-model", "v2")
+    assert (training_args.learning_rate, training_args.num_interventions, training_args.lambda_kl) == (1e-4, 4, 0.2)
+    gen_args, _ = parse_command_args("generate", ["--config", str(nested), "--prompt", "Hi"])
+    assert (gen_args.alphas, gen_args.max_new_tokens, gen_args.adapter) == ([0.0, 1.0], 16, "out/nested")
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        (
+            {"training": {"lerning_rate": 1e-4}},
+            r"'training.lerning_rate'. Did you mean 'learning_rate'\?.*Valid keys in `training:`",
+        ),
+        ({"lerning_rate": 1e-4}, r"Unknown recipe key 'lerning_rate'.*Valid keys at the top level: .*learning_rate"),
+        ({"model": {"learning_rate": 1e-4}}, r"'model.learning_rate'.*Valid keys in `model:`: .*model_name_or_path"),
+        ({"inference": {"prompt": "Hi"}}, r"'inference.prompt'"),  # prompts are command-line only
+        ({"seed": 1, "training": {"seed": 2}}, r"sets 'seed' twice"),
+        ({"model": "org/base-model"}, r"section 'model' must be a mapping"),
+    ],
+    ids=["misspelt", "misspelt-flat", "wrong-section", "cli-only", "twice", "not-a-mapping"],
+)
+def test_invalid_recipe_key_is_an_error_listing_the_valid_keys(recipe, message):
+    with pytest.raises(ValueError, match=message):
+        flatten_recipe(recipe)
+
+
+def test_unknown_key_in_a_recipe_file_stops_every_command(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "org/m", "lambda_k1": 0.1}))
+    for command in ("train", "generate", "eval"):
+        with pytest.raises(ValueError, match="Did you mean 'lambda_kl'"):
+            parse_command_args(command, ["--config", str(path)])

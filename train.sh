@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Train an alignment head, as the IAV seed's train.sh did:
+#
+#   ./train.sh [model_name] [dataset_name] [output_dir] [any `iav-trl train` flag ...]
+#
+# The defaults are the seed recipe's (argsearch/llama-7b-sft-float32 on Anthropic/hh-rlhf, 3 epochs, batch size 4,
+# learning rate 5e-5, beta 0.1, lambda_kl 0.1, lambda_l2 0.01, 8 interventions of dimension 256); they live in
+# `iav-trl train` (iav_trl/cli_args.py), so a positional argument that is left out keeps them. Further arguments go
+# to `iav-trl train` unchanged (`--config recipes/...yaml`, `--bf16`, `--max_steps 100`, ...). The run goes through
+# `accelerate launch`, which reads its own settings from ACCELERATE_ARGS, e.g.
+#
+#   ACCELERATE_ARGS="--config_file accelerate_configs/zero2.yaml" ./train.sh meta-llama/Llama-2-7b-hf
+set -euo pipefail
+
+positional_flags=(--model_name_or_path --dataset_name --output_dir)
+args=()
+for flag in "${positional_flags[@]}"; do
+    if [[ $# -eq 0 || $1 == -* ]]; then
+        break
+    fi
+    args+=("$flag" "$1")
+    shift
+done
+
+# shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
+exec accelerate launch ${ACCELERATE_ARGS:-} -m iav_trl train ${args[@]+"${args[@]}"} "$@"
