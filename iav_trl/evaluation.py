@@ -48,13 +48,23 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from .evaluation_config import EvaluationConfig
+from .evaluation_metrics import (
+    cache_bytes,
+    mean_stderr,
+    parameter_bytes,
+    score_sequence_kl,
+    singular_spectrum,
+    spearman_correlation,
+    win_rate,
+)
 from .genarm import GenARMLogitsProcessor, output_cache
 from .inference import (
     Prompt,
@@ -72,255 +82,6 @@ from .model import IAVModel
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Sequence[float]]
-
-
-@dataclass
-class EvaluationConfig:
-    """
-    Configuration of `IAVEvaluator`.
-
-    Parameters that control generation:
-        alphas (`list[float]`, defaults to `[0.0, 0.5, 1.0, 1.5, 2.0]`):
-            Alignment strengths to evaluate. Alpha 0 (the base model) is always added, as the reference of the
-            win rate and the KL.
-        max_new_tokens (`int`, defaults to `128`):
-            New tokens per response. `evaluate_efficiency` decodes exactly this many for every method.
-        num_samples (`int`, defaults to `1`):
-            Responses sampled per prompt and alpha. More samples lower the variance of the reward and KL estimates
-            (the KL's standard error is reported); needs `temperature > 0`.
-        temperature (`float`, defaults to `1.0`):
-            Sampling temperature; 0 decodes greedily. At 1 (with `top_k=0`, `top_p=1`) the KL is that of the
-            model's own distributions.
-        top_p (`float`, defaults to `1.0`):
-            Nucleus sampling. Below 1 the KL estimate scores the untruncated distributions (see the module
-            docstring).
-        top_k (`int`, defaults to `0`):
-            Top-k sampling (0 = off; note that `transformers` otherwise defaults to 50).
-        batch_size (`int`, defaults to `8`):
-            (prompt, alpha) rows per `generate` call (each yields `num_samples` responses) and per scoring pass.
-        seed (`int`, defaults to `0`):
-            Seed of each batch's sampling, so that results are reproducible.
-        device (`str`, *optional*):
-            Device to run on (the model is moved there); defaults to where the model is.
-
-    Parameters that control scoring and the analyses:
-        reward_batch_size (`int`, defaults to `16`):
-            Responses per call of the reward function / reward model.
-        top_tokens (`int`, defaults to `10`):
-            Promoted / suppressed tokens listed by `analyze_alignment_vectors`.
-        max_analysis_tokens (`int`, defaults to `512`):
-            Response positions whose alignment vectors `analyze_alignment_vectors` collects (an `(N, V)` matrix is
-            decomposed, so this bounds its memory).
-
-    Parameters that control the cost comparison:
-        efficiency_rounds (`int`, defaults to `5`):
-            Timed rounds; in each, every method decodes all prompts once, in rotating order.
-        efficiency_warmup (`int`, defaults to `1`):
-            Untimed passes per method before timing.
-        genarm_alpha (`float`, defaults to `1.0`):
-            Guidance strength of the GenARM baseline (`1 / beta`); its cost does not depend on it.
-
-    Other parameters:
-        show_progress (`bool`, defaults to `True`):
-            Show progress bars.
-        generator_name (`str`, *optional*):
-            Name written in the `generator` field of the AlpacaEval export; defaults to
-            `<base model name>-iav-alpha<alpha>`.
-    """
-
-    alphas: list[float] = field(
-        default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], metadata={"help": "Alignment strengths to evaluate."}
-    )
-    max_new_tokens: int = field(default=128, metadata={"help": "New tokens per response."})
-    num_samples: int = field(default=1, metadata={"help": "Responses sampled per prompt and alpha."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1 = off)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
-    batch_size: int = field(default=8, metadata={"help": "(prompt, alpha) rows per generate / scoring call."})
-    seed: int = field(default=0, metadata={"help": "Seed of the sampling."})
-    device: str | None = field(default=None, metadata={"help": "Device to run on (default: the model's)."})
-    reward_batch_size: int = field(default=16, metadata={"help": "Responses per reward call."})
-    top_tokens: int = field(default=10, metadata={"help": "Promoted/suppressed tokens listed per head."})
-    max_analysis_tokens: int = field(default=512, metadata={"help": "Positions collected for the spectrum."})
-    efficiency_rounds: int = field(default=5, metadata={"help": "Timed rounds of the cost comparison."})
-    efficiency_warmup: int = field(default=1, metadata={"help": "Untimed passes per method before timing."})
-    genarm_alpha: float = field(default=1.0, metadata={"help": "Guidance strength of the GenARM baseline."})
-    show_progress: bool = field(default=True, metadata={"help": "Show progress bars."})
-    generator_name: str | None = field(default=None, metadata={"help": "`generator` of the AlpacaEval export."})
-
-    def __post_init__(self) -> None:
-        alphas = list(self.alphas) if isinstance(self.alphas, Sequence) and not isinstance(self.alphas, str) else None
-        if not alphas or not all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in alphas
-        ):
-            raise ValueError(f"`alphas` must be a non-empty list of finite floats, got {self.alphas!r}.")
-        self.alphas = [float(a) for a in alphas]
-        for name in ("max_new_tokens", "num_samples", "batch_size", "reward_batch_size", "top_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
-        for name in ("max_analysis_tokens", "efficiency_rounds"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
-        if not isinstance(self.efficiency_warmup, int) or self.efficiency_warmup < 0:
-            raise ValueError(f"`efficiency_warmup` must be a non-negative integer, got {self.efficiency_warmup!r}.")
-        if not self.temperature >= 0:
-            raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {self.temperature!r}.")
-        if self.temperature == 0 and self.num_samples > 1:
-            raise ValueError(
-                f"`num_samples={self.num_samples}` needs sampling: greedy decoding (temperature 0) gives one "
-                "response per prompt. Set `temperature > 0` or `num_samples=1`."
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p!r}.")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"`top_k` must be a non-negative integer (0 = off), got {self.top_k!r}.")
-        if not math.isfinite(self.genarm_alpha):
-            raise ValueError(f"`genarm_alpha` must be finite, got {self.genarm_alpha!r}.")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Statistics, written out so that each can be checked on its own.
-
-
-@torch.no_grad()
-def score_sequence_kl(
-    model: IAVModel,
-    sequences: torch.LongTensor,
-    attention_mask: torch.Tensor,
-    prompt_length: int,
-    alpha: float | Sequence[float],
-    temperature: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """
-    Per-sequence KL terms of `(N, L + T)` sequences (left-padded prompts of length `L`, then responses), in one
-    forward pass. `attention_mask` covers both parts (0 on prompt padding and on response tokens after EOS).
-
-    Returns `(N,)` tensors: `log_ratio = sum_t [log p_alpha(y_t) - log p_base(y_t)]`,
-    `stepwise_kl = sum_t KL(p_alpha || p_base)` at each response position, and `length` (scored tokens), with
-    `p = softmax(z / temperature)`. Only the response positions' logits are computed (`logits_to_keep`), and the
-    float32 statistics one row at a time, so memory stays at two `(N, T + 1, V)` logit tensors.
-    """
-    response_length = sequences.shape[1] - prompt_length
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        alpha=alpha,
-        return_alignment=True,
-        logits_to_keep=response_length + 1,
-    )
-    # The kept positions are L - 1 ... L + T - 1; position L - 1 + t predicts response token t.
-    targets = sequences[:, prompt_length:]
-    mask = attention_mask[:, prompt_length:].float()
-    log_ratio, stepwise = [], []
-    for row in range(sequences.shape[0]):
-        logp_final = torch.log_softmax(out.logits[row, :-1].float() / temperature, dim=-1)  # (T, V)
-        logp_base = torch.log_softmax(out.base_logits[row, :-1].float() / temperature, dim=-1)
-        index = targets[row].unsqueeze(-1)
-        log_ratio.append((logp_final.gather(-1, index) - logp_base.gather(-1, index)).squeeze(-1))
-        stepwise.append((logp_final.exp() * (logp_final - logp_base)).sum(-1))
-    log_ratio, stepwise = torch.stack(log_ratio), torch.stack(stepwise)
-    return {"log_ratio": (log_ratio * mask).sum(-1), "stepwise_kl": (stepwise * mask).sum(-1), "length": mask.sum(-1)}
-
-
-def win_rate(scores: Sequence[float], reference: Sequence[float]) -> float:
-    """Paired win rate of `scores` over `reference`: mean of 1 (higher), 1/2 (equal) and 0 (lower)."""
-    if len(scores) != len(reference) or not scores:
-        raise ValueError("win_rate needs two non-empty lists of the same length.")
-    return sum(1.0 if s > r else 0.5 if s == r else 0.0 for s, r in zip(scores, reference)) / len(scores)
-
-
-def _ranks(values: Sequence[float]) -> list[float]:
-    """Ranks 1..n, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
-            stop += 1
-        for i in order[start : stop + 1]:
-            ranks[i] = (start + stop) / 2 + 1
-        start = stop + 1
-    return ranks
-
-
-def spearman_correlation(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson correlation of the average ranks); NaN when either side is constant."""
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError("spearman_correlation needs two lists of the same length, at least 2.")
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / var if var > 0 else float("nan")
-
-
-def singular_spectrum(vectors: torch.Tensor, keep: int = 64) -> dict[str, Any]:
-    """
-    Energy spectrum of the `(N, V)` matrix of alignment vectors: singular values `s_i`, energies `s_i^2` (their sum
-    is `||A||_F^2 = sum_t ||a_t||^2`), the fraction of energy in the top-k directions, the ranks holding 90% / 99%
-    of it, and the effective rank `exp(-sum_i e_i log e_i)` of the normalised energies `e_i`.
-    """
-    singular = torch.linalg.svdvals(vectors.double())
-    energy = singular.pow(2)
-    total = energy.sum()
-    fractions = energy / total if total > 0 else torch.zeros_like(energy)
-    cumulative = fractions.cumsum(0)
-    nonzero = fractions[fractions > 0]
-
-    def rank_for(level: float) -> int:
-        return int((cumulative < level - 1e-12).sum().item()) + 1 if total > 0 else 0
-
-    return {
-        "singular_values": singular[:keep].tolist(),
-        "energy_fraction": fractions[:keep].tolist(),
-        "cumulative_energy": cumulative[:keep].tolist(),
-        "total_energy": total.item(),
-        "rank_90": rank_for(0.9),
-        "rank_99": rank_for(0.99),
-        "effective_rank": math.exp(-(nonzero * nonzero.log()).sum().item()) if total > 0 else 0.0,
-    }
-
-
-def cache_bytes(cache: Any) -> int:
-    """Bytes held by the tensors of a KV cache (a transformers `Cache`, or nested tuples of tensors)."""
-    seen: set[int] = set()
-    total = 0
-
-    def visit(obj: Any) -> None:
-        nonlocal total
-        if isinstance(obj, torch.Tensor):
-            if obj.data_ptr() not in seen:
-                seen.add(obj.data_ptr())
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                visit(item)
-        elif hasattr(obj, "layers"):
-            for layer in obj.layers:
-                for value in vars(layer).values():
-                    visit(value)
-
-    visit(cache)
-    return total
-
-
-def _parameter_bytes(*modules: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def _mean_stderr(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
 def _json_safe(value: Any) -> Any:
@@ -581,8 +342,8 @@ class IAVEvaluator:
         metrics = ("reward_mean", "reward_stderr", "win_rate_vs_base", "kl", "kl_stderr", "kl_stepwise", "mean_length")
         result: dict[str, Any] = {"alphas": alphas, **{name: [] for name in metrics}}
         for alpha in alphas:
-            reward_mean, reward_stderr = _mean_stderr(flat(rewards, alpha))
-            kl, kl_stderr = _mean_stderr(flat(rollouts.log_ratio, alpha))
+            reward_mean, reward_stderr = mean_stderr(flat(rewards, alpha))
+            kl, kl_stderr = mean_stderr(flat(rollouts.log_ratio, alpha))
             result["reward_mean"].append(reward_mean)
             result["reward_stderr"].append(reward_stderr)
             result["win_rate_vs_base"].append(win_rate(flat(rewards, alpha), flat(rewards, 0.0)))
@@ -784,9 +545,9 @@ class IAVEvaluator:
 
         methods = ("base", "iav", "genarm")
         weights = {
-            "base": _parameter_bytes(base),
-            "iav": _parameter_bytes(base, self.model.alignment_heads),
-            "genarm": _parameter_bytes(base, reward),
+            "base": parameter_bytes(base),
+            "iav": parameter_bytes(base, self.model.alignment_heads),
+            "genarm": parameter_bytes(base, reward),
         }
         is_cuda = self.device.type == "cuda"
         report: dict[str, dict[str, Any]] = {}
@@ -926,12 +687,4 @@ class IAVEvaluator:
         logger.info("\n".join(lines))
 
 
-__all__ = [
-    "EvaluationConfig",
-    "IAVEvaluator",
-    "cache_bytes",
-    "score_sequence_kl",
-    "singular_spectrum",
-    "spearman_correlation",
-    "win_rate",
-]
+__all__ = ["EvaluationConfig", "IAVEvaluator"]

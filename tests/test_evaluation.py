@@ -14,7 +14,7 @@ from reference import randomize_heads
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from iav_trl import AlignmentHeadConfig, EvaluationConfig, IAVEvaluator, IAVInference, get_iav_model
-from iav_trl.evaluation import score_sequence_kl, spearman_correlation, win_rate
+from iav_trl.evaluation_metrics import score_sequence_kl, spearman_correlation, win_rate
 from iav_trl.tiny import tiny_causal_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
