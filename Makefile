@@ -26,7 +26,14 @@ bench-decode:
 bench-train:
 	OMP_NUM_THREADS=2 python benchmarks/train_step.py
 
-# TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer (needs a git copy of huggingface/trl in TRL_GIT).
+# TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer (needs a git copy of huggingface/trl in TRL_GIT):
+# first the test file as it is, then with its "every parameter changed" checks restricted to trainable parameters.
+TRL_REV ?= main
 dpo-suite:
-	../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from $(TRL_GIT) --rev main --work /tmp/dpo_suite_iav \
-		--trainer iav_trl.iav_trainer:IAVTrainer --pythonpath $(CURDIR) --vision-shim -n 2 -- -rsfE
+	../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from $(TRL_GIT) --rev $(TRL_REV) --work /tmp/dpo_suite_iav \
+		--trainer iav_trl.iav_trainer:IAVTrainer --pythonpath $(CURDIR) --vision-shim -n 2 -- -rsfE || true
+	rm -rf /tmp/dpo_suite_trainable_tests
+	python tests/dpo_suite/trainable_only.py $(TRL_GIT) $(TRL_REV) /tmp/dpo_suite_trainable_tests
+	../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from /tmp/dpo_suite_trainable_tests \
+		--work /tmp/dpo_suite_iav_trainable --trainer iav_trl.iav_trainer:IAVTrainer --pythonpath $(CURDIR) \
+		--vision-shim -n 2 -- -rsfE

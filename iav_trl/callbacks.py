@@ -6,7 +6,8 @@ import math
 from collections.abc import Iterable, Mapping
 
 import torch
-import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import reduce
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -29,21 +30,22 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def _non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """
-    Names of the tensors holding a NaN or inf, agreed on by every process.
+    Names of the tensors whose L2 norm is NaN or inf, agreed on by every process.
 
-    One fused norm over all tensors (`||t||_2` is finite iff every entry of `t` is) and, in a distributed run, one
-    all-reduce of the verdict, so that every process stops at the same step. Names are looked up only on failure.
+    A norm is non-finite when an entry is NaN or inf, or when entries are so large that their squares overflow
+    (|x| > ~1e19 in float32): a diverged run either way. One fused norm over all tensors and, in a distributed run,
+    one all-reduce of the verdict, so that every process stops at the same step; names are looked up only on failure.
     """
     named = [(name, _local(t).detach()) for name, t in named]
     tensors = [t for _, t in named if t.numel()]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    total = torch.nn.utils.get_total_norm(tensors) if tensors else torch.zeros((), device=device)
-    bad = (~torch.isfinite(total)).to(torch.float32).reshape(1).to(device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    state = PartialState()
+    total = torch.nn.utils.get_total_norm(tensors) if tensors else torch.zeros(())
+    bad = (~torch.isfinite(total)).to(device=state.device, dtype=torch.float32).reshape(1)
+    if state.num_processes > 1:
+        bad = reduce(bad, reduction="max")
     if not bad.item():
         return []
-    names = [name for name, t in named if t.numel() and not torch.isfinite(t).all()]
+    names = [name for name, t in named if t.numel() and not torch.isfinite(torch.linalg.vector_norm(t))]
     return names or ["(on another process)"]
 
 

@@ -553,7 +553,7 @@ class IAVModel(nn.Module):
         allow_pickle: bool = False,
         **hub_kwargs: Any,
     ) -> None:
-        """Load another saved head under `adapter_name` (it is not activated: see `set_adapter`)."""
+        """Load another saved head under `adapter_name` (not activated: see `set_adapter`), like `from_pretrained`."""
         config, tensors, path = _read_adapter(model_id, subfolder, hub_kwargs, allow_pickle)
         active = self.adapter_weights
         self.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=not is_trainable))
