@@ -5,18 +5,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import os
-from collections.abc import Mapping
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from datasets import Dataset
 from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import DPOConfig, DPOTrainer
@@ -26,13 +23,12 @@ from trl.trainer.utils import create_model_from_path
 from .callbacks import NonFiniteGuard
 from .config import AlignmentHeadConfig
 from .iav_config import IAVConfig
+from .input_checks import check_not_emptied, check_pad_token, check_preference_datasets, named_datasets
 from .io import atomic_write, atomic_write_text, checkpoint_problem, last_complete_checkpoint
 from .model import IAVModel, _is_peft
 from .model_card import build_model_card
 
 BACKBONE_DIR = "backbone"
-
-logger = logging.getLogger(__name__)
 
 
 def _keep_4bit_weights_trainable(model: nn.Module) -> None:
@@ -70,69 +66,6 @@ def _load_full_backbone(backbone: PreTrainedModel, directory: str) -> None:
         raise ValueError(
             f"The checkpoint's backbone in {directory} does not match the model being trained (missing: {missing}, "
             f"unexpected: {result.unexpected_keys}). Resume with the same base model the checkpoint was trained from."
-        )
-
-
-def _named_datasets(train_dataset, eval_dataset) -> dict[str, Any]:
-    """The datasets given to the trainer, by the argument (and key) they were passed under."""
-    named = {"train_dataset": train_dataset}
-    if isinstance(eval_dataset, Mapping):
-        named.update({f"eval_dataset[{key!r}]": dataset for key, dataset in eval_dataset.items()})
-    elif eval_dataset is not None:
-        named["eval_dataset"] = eval_dataset
-    return named
-
-
-def _check_preference_datasets(named: Mapping[str, Any]) -> None:
-    """Refuse datasets that TRL's preprocessing would fail on deep inside `datasets` (no pairs, no rows)."""
-    for name, dataset in named.items():
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and not {"chosen", "rejected"} <= set(columns):
-            raise ValueError(
-                f"`{name}` has the columns {columns}, but IAVTrainer (like DPOTrainer) trains on preference pairs: "
-                "`chosen` and `rejected` columns, and an optional `prompt`. Convert Anthropic/hh-rlhf, UltraFeedback "
-                "and other preference layouts with `iav_trl.load_preference_dataset(dataset)`, or rename your "
-                "columns, e.g. `dataset.rename_columns({'good': 'chosen', 'bad': 'rejected'})`."
-            )
-        if isinstance(dataset, Dataset) and len(dataset) == 0:
-            raise ValueError(f"`{name}` has no rows. Check its split, and any filtering done before the trainer.")
-
-
-def _check_pad_token(processing_class, args: DPOConfig) -> None:
-    """TRL pads with the eos token when the tokenizer has no pad token: say so, and fail clearly without either."""
-    tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
-    if tokenizer is None or args.pad_token is not None or getattr(tokenizer, "pad_token", None) is not None:
-        return
-    if tokenizer.eos_token is None:
-        raise ValueError(
-            "The tokenizer has neither a pad token nor an eos token to pad with. Set one of its tokens as pad "
-            "token (`tokenizer.pad_token = ...`) or pass `pad_token=...` in the config."
-        )
-    logger.warning(
-        "The tokenizer has no pad token: padding with its eos token %r, as TRL does. Padded positions are masked out "
-        "of attention and loss; set `tokenizer.pad_token` or `pad_token=...` in the config to pad with another token.",
-        tokenizer.eos_token,
-    )
-
-
-def _check_not_emptied(before: Mapping[str, int], after: Mapping[str, Any], max_length: int | None) -> None:
-    """TRL drops the rows whose prompt alone fills `max_length`: warn with the count, and fail when none is left."""
-    for name, dataset in after.items():
-        if name not in before or not isinstance(dataset, Dataset) or len(dataset) == before[name]:
-            continue
-        if len(dataset) == 0:
-            raise ValueError(
-                f"Every prompt of `{name}` is at least max_length={max_length} tokens long, so no completion token "
-                "would be left to train on and every row was dropped. Raise `max_length` (or set it to None), or "
-                "set `truncation_mode='keep_end'` to keep the end of each sequence."
-            )
-        logger.warning(
-            "Dropped %d of %d rows of `%s`: their prompt alone is at least max_length=%s tokens long. Raise "
-            "`max_length` to keep them.",
-            before[name] - len(dataset),
-            before[name],
-            name,
-            max_length,
         )
 
 
@@ -204,9 +137,9 @@ class IAVTrainer(DPOTrainer):
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = IAVConfig(f"{(model_name or 'model').split('/')[-1]}-IAV")
         self._iav = SimpleNamespace(**{name: getattr(args, name, default) for name, default in _IAV_DEFAULTS.items()})
-        named = _named_datasets(train_dataset, eval_dataset)
-        _check_preference_datasets(named)
-        _check_pad_token(processing_class, args)
+        named = named_datasets(train_dataset, eval_dataset)
+        check_preference_datasets(named)
+        check_pad_token(processing_class, args)
         sizes = {name: len(dataset) for name, dataset in named.items() if isinstance(dataset, Dataset)}
         if isinstance(model, str):
             model_init_kwargs = dict(args.model_init_kwargs or {})
@@ -264,7 +197,7 @@ class IAVTrainer(DPOTrainer):
         if not trainable_backbone:
             self.aux_loss_enabled = False  # a frozen MoE router needs no load-balancing loss
         _keep_4bit_weights_trainable(self.model)
-        _check_not_emptied(sizes, _named_datasets(self.train_dataset, self.eval_dataset), args.max_length)
+        check_not_emptied(sizes, named_datasets(self.train_dataset, self.eval_dataset), args.max_length)
         if not any(isinstance(callback, NonFiniteGuard) for callback in self.callback_handler.callbacks):
             self.add_callback(NonFiniteGuard())
 
