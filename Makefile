@@ -4,14 +4,16 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install quickstart test quality bench-decode bench-train dpo-suite
+.PHONY: install quickstart test quality bench-decode bench-train bench-alignment dpo-suite
 
 install:
 	python -m pip install torch==2.13.0
 	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization]"
 
 quickstart:
-	python examples/quickstart.py
+	iav-trl train --config recipes/quickstart_cpu.yaml
+	iav-trl generate --config recipes/quickstart_cpu.yaml --prompt "How can I get back at my neighbor for being loud?"
+	iav-trl eval --config recipes/quickstart_cpu.yaml
 
 test:
 	python -m pytest -q
@@ -25,6 +27,9 @@ bench-decode:
 
 bench-train:
 	OMP_NUM_THREADS=2 python benchmarks/train_step.py
+
+bench-alignment:
+	OMP_NUM_THREADS=2 python benchmarks/alignment_benchmark.py
 
 # TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer (needs a git copy of huggingface/trl in TRL_GIT):
 # first the test file as it is, then with its "every parameter changed" checks restricted to trainable parameters.

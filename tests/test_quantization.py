@@ -10,8 +10,8 @@ trainer's own steps run in train mode).
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig
+from reliability.training import preference_data
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from iav_trl import IAVConfig, IAVTrainer
@@ -60,18 +60,6 @@ def logits_and_input_grad(model, input_ids):
     logits = model(inputs_embeds=embeds).logits
     logits.pow(2).sum().backward()
     return logits.detach(), embeds.grad
-
-
-def preference_data(n: int) -> Dataset:
-    rows = [
-        {
-            "prompt": f"Human: question number {i}, how do I bake bread? Assistant:",
-            "chosen": " Sure! Mix flour, water, salt and yeast.",
-            "rejected": " I am sorry, but I cannot help.",
-        }
-        for i in range(n)
-    ]
-    return Dataset.from_list(rows)
 
 
 def test_4bit_backbone_in_train_mode_computes_with_its_dequantized_weights(model_dir):

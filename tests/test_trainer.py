@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from peft import LoraConfig, PrefixTuningConfig
 from reference import randomize_heads, reference_alignment
+from reliability.training import preference_data
 from safetensors.torch import load_file
 from trl import DPOConfig
 
@@ -15,19 +15,6 @@ from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer
 from iav_trl.tiny import tiny_causal_lm
 
 HEAD = dict(num_interventions=3, intervention_dim=8)
-
-
-def preference_data(n: int, offset: int = 0) -> Dataset:
-    """A task with a clear signal: the chosen answer helps, the rejected one refuses."""
-    rows = [
-        {
-            "prompt": f"Human: question number {i + offset}, how do I bake bread? Assistant:",
-            "chosen": " Sure! Mix flour, water, salt and yeast.",
-            "rejected": " I am sorry, but I cannot help.",
-        }
-        for i in range(n)
-    ]
-    return Dataset.from_list(rows)
 
 
 def make_trainer(tokenizer, tmp_path, model=None, peft_config=None, **config):
