@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY := PASSIVE
 
 install:
 	python -m pip install torch==2.13.0
-	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization]"
+	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization,eval]"
 
 quickstart:
 	iav-trl train --config recipes/quickstart_cpu.yaml
