@@ -194,8 +194,9 @@ def _train_lora(
     seed: int,
     learning_rate: float,
     beta: float,
-    reference_free: bool,
 ) -> Trained:
+    # GenARM's reference-free loss rides on DPOTrainer's precomputed-reference path (see `ReferenceFreeDPOTrainer`).
+    reference_free = issubclass(trainer_class, ReferenceFreeDPOTrainer)
     with tempfile.TemporaryDirectory() as output_dir:
         args = DPOConfig(
             **_common_args(settings, output_dir, seed, learning_rate, beta), precompute_ref_log_probs=reference_free
@@ -219,33 +220,13 @@ def train_dpo(
     sft_model, tokenizer, pairs, validation_pairs, settings, seed, learning_rate: float, beta: float
 ) -> Trained:
     """`trl.DPOTrainer` + LoRA on a copy of the SFT model; the adapter merged into it for decoding."""
-    return _train_lora(
-        DPOTrainer,
-        sft_model,
-        tokenizer,
-        pairs,
-        validation_pairs,
-        settings,
-        seed,
-        learning_rate,
-        beta,
-        reference_free=False,
-    )
+    args = (sft_model, tokenizer, pairs, validation_pairs, settings, seed, learning_rate, beta)
+    return _train_lora(DPOTrainer, *args)
 
 
 def train_arm(
     sft_model, tokenizer, pairs, validation_pairs, settings, seed, learning_rate: float, beta: float
 ) -> Trained:
     """GenARM's autoregressive reward model: a LoRA-trained copy of the SFT model, reference-free loss."""
-    return _train_lora(
-        ReferenceFreeDPOTrainer,
-        sft_model,
-        tokenizer,
-        pairs,
-        validation_pairs,
-        settings,
-        seed,
-        learning_rate,
-        beta,
-        reference_free=True,
-    )
+    args = (sft_model, tokenizer, pairs, validation_pairs, settings, seed, learning_rate, beta)
+    return _train_lora(ReferenceFreeDPOTrainer, *args)
