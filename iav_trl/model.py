@@ -195,7 +195,7 @@ class IAVModel(nn.Module):
                     f"{field}={actual} ({name or type(causal_lm).__name__}). Load it onto the base model it was "
                     "trained for."
                 )
-        if config.base_model_name_or_path and name and config.base_model_name_or_path != name:
+        if config.base_model_name_or_path and name and not _same_model(config.base_model_name_or_path, name):
             logger.warning(
                 "The alignment head was trained on %r but is loaded onto %r. Shapes match, so it loads; check that "
                 "the two are the same model.",
@@ -712,6 +712,13 @@ def _rows(strength: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"alpha has {strength.shape[0]} values but the model sees {batch} rows.")
         strength = strength.repeat_interleave(batch // strength.shape[0])
     return strength.to(hidden.device).view(batch, *([1] * (hidden.dim() - 1)))
+
+
+def _same_model(recorded: str, actual: str) -> bool:
+    """Whether two `name_or_path`s name one model: equal ids, or local paths (relative or not) to one directory."""
+    if recorded == actual:
+        return True
+    return os.path.isdir(recorded) and os.path.isdir(actual) and os.path.samefile(recorded, actual)
 
 
 def _load_balancing_loss(causal_lm: PreTrainedModel, router_logits, attention_mask) -> torch.Tensor:

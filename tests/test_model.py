@@ -9,7 +9,14 @@ import pytest
 import torch
 from reference import randomize_heads, reference_alignment
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from iav_trl import AlignmentHeadConfig, IAVModel, get_iav_model
 from iav_trl.tiny import tiny_causal_lm
@@ -247,6 +254,20 @@ def test_loading_onto_a_differently_named_base_warns(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         IAVModel.from_pretrained(target, tmp_path)
     assert "'org/base-a' but is loaded onto 'org/base-b'" in caplog.text
+
+
+def test_one_base_directory_named_by_relative_and_absolute_paths_does_not_warn(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_causal_lm("llama", vocab_size=400).save_pretrained(tmp_path / "base")
+    tiny_causal_lm("llama", vocab_size=400).save_pretrained(tmp_path / "other")
+    trained_on = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))  # recorded as the absolute path
+    get_iav_model(trained_on, SMALL_HEAD).save_pretrained(tmp_path / "head")
+    with caplog.at_level("WARNING"):
+        IAVModel.from_pretrained("base", tmp_path / "head")  # the same directory, relative
+    assert "but is loaded onto" not in caplog.text
+    with caplog.at_level("WARNING"):
+        IAVModel.from_pretrained("other", tmp_path / "head")
+    assert "but is loaded onto 'other'" in caplog.text
 
 
 def test_default_adapter_is_at_most_three_percent_of_a_llama_shaped_model(tmp_path):
