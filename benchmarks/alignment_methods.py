@@ -15,7 +15,8 @@
   y_<t)`. It is decoded by `iav_trl.genarm` as `z_sft + alpha * log_softmax(z_arm)`.
 
 All three see the same pairs, batch size, number of epochs (hence optimizer steps), LoRA/head settings and schedule;
-only the learning rate is each method's own (see `alignment_benchmark.py` for how it is chosen).
+only the learning rate (and IAV's KL weight `lambda_kl`) is each method's own (see `alignment_benchmark.py` for how
+it is chosen).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from iav_trl import IAVConfig, IAVModel, IAVTrainer
 
 @dataclass
 class TrainingSettings:
-    """What every preference method shares (only the learning rate and beta differ between runs)."""
+    """What every preference method shares (the learning rate, beta and IAV's `lambda_kl` differ between runs)."""
 
     epochs: int = field(default=2, metadata={"help": "Epochs over the preference pairs (same for every method)."})
     batch_size: int = field(default=16, metadata={"help": "Pairs per optimizer step (same for every method)."})
@@ -46,7 +47,6 @@ class TrainingSettings:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank of DPO and of the GenARM reward model."})
     num_interventions: int = field(default=4, metadata={"help": "K of IAV's alignment head."})
     intervention_dim: int = field(default=32, metadata={"help": "r of IAV's alignment head."})
-    lambda_kl: float = field(default=0.1, metadata={"help": "IAV's KL weight (IAVConfig default)."})
     lambda_l2: float = field(default=0.01, metadata={"help": "IAV's L2 weight (IAVConfig default)."})
 
 
@@ -160,13 +160,14 @@ def train_iav(
     seed: int,
     learning_rate: float,
     beta: float,
+    lambda_kl: float,
 ) -> Trained:
-    """`IAVTrainer` on a copy of the SFT model (frozen): the IAV loss at alpha 1."""
+    """`IAVTrainer` on a copy of the SFT model (frozen): the IAV loss at alpha 1, with KL weight `lambda_kl`."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = IAVConfig(
             **_common_args(settings, output_dir, seed, learning_rate, beta),
             alpha=1.0,
-            lambda_kl=settings.lambda_kl,
+            lambda_kl=lambda_kl,
             lambda_l2=settings.lambda_l2,
             num_interventions=settings.num_interventions,
             intervention_dim=settings.intervention_dim,

@@ -16,10 +16,10 @@ from trl import DPOConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from alignment_benchmark import BenchmarkConfig, kl_matched_alpha, run, write  # noqa: E402
-from alignment_methods import ReferenceFreeDPOTrainer, TrainingSettings  # noqa: E402
+from alignment_benchmark import BenchmarkConfig, bar_checks, kl_matched_alpha, run, tune, write  # noqa: E402
+from alignment_methods import ReferenceFreeDPOTrainer, Trained, TrainingSettings  # noqa: E402
 from alignment_report import markdown_table  # noqa: E402
-from alignment_rollouts import Rollouts, preference_pairs  # noqa: E402
+from alignment_rollouts import Rollouts, decode_speed, preference_pairs  # noqa: E402
 from alignment_task import (  # noqa: E402
     Prompt,
     all_prompts,
@@ -43,6 +43,7 @@ MINIATURE = dict(
     dpo_betas=[0.1, 0.3],
     genarm_alphas=[1.0, 2.0],
     iav_learning_rates=[1e-2],
+    iav_lambda_kls=[0.1, 3.0],
     dpo_learning_rates=[1e-2],
     arm_learning_rates=[3e-3, 1e-2],
     eval_samples=3,
@@ -113,6 +114,8 @@ def test_benchmark_config_refuses_settings_the_bar_cannot_be_read_from():
         BenchmarkConfig(iav_alphas=[0.0, 0.5, 2.0])
     with pytest.raises(ValueError, match="`arm_learning_rates` must not be empty"):
         BenchmarkConfig(arm_learning_rates=[])
+    with pytest.raises(ValueError, match="`iav_lambda_kls` must not be empty"):
+        BenchmarkConfig(iav_lambda_kls=[])
 
 
 def _rollouts(rewards, completions):
@@ -198,10 +201,21 @@ def test_miniature_benchmark_table_has_every_method_and_setting(miniature):
             assert math.isfinite(row[name]), (row, name)
         assert -1.0 <= row["reward"] <= 1.0
         assert row["kl_stepwise"] >= -1e-4  # a sum of per-step KLs
-    grid = results["learning_rates"]["GenARM"]["grid"]
-    assert set(grid) == set(config.arm_learning_rates)
-    assert results["learning_rates"]["GenARM"]["chosen"] == max(grid, key=lambda lr: grid[lr]["validation_reward"])
-    assert {r["steps"] for r in results["learning_rates"].values()} == {2}  # same optimizer steps for every method
+    tuning = results["tuning"]
+    arm_grid = tuning["GenARM"]["grid"]
+    assert [row["learning_rate"] for row in arm_grid] == config.arm_learning_rates
+    assert (
+        tuning["GenARM"]["chosen"]["learning_rate"]
+        == max(arm_grid, key=lambda row: row["validation_reward"])["learning_rate"]
+    )
+    # IAV's budget is DPO's validation KL at its chosen learning rate; IAV searched learning rate x lambda_kl.
+    dpo_lr = tuning["DPO"]["chosen"]["learning_rate"]
+    dpo_kl = next(row["validation_kl"] for row in tuning["DPO"]["grid"] if row["learning_rate"] == dpo_lr)
+    assert tuning["IAV"]["kl_budget"] == dpo_kl and tuning["DPO"]["kl_budget"] is None
+    assert {(row["learning_rate"], row["lambda_kl"]) for row in tuning["IAV"]["grid"]} == {
+        (lr, lambda_kl) for lr in config.iav_learning_rates for lambda_kl in config.iav_lambda_kls
+    }
+    assert {r["steps"] for r in tuning.values()} == {2}  # same optimizer steps for every method
     d, r, k = config.hidden_size, 8, 2  # the head of the fixture: 2 d r + K (r + 1)^2 parameters
     assert results["trainable_parameters"]["IAV"] == 2 * d * r + k * (r + 1) ** 2
     assert results["trainable_parameters"]["DPO"] == results["trainable_parameters"]["GenARM"]  # same LoRA
@@ -262,10 +276,12 @@ def test_miniature_benchmark_writes_json_and_plot(miniature):
         assert saved["decode_speed"]["variants"][name]["tokens_per_s"] > 0
     [larger] = saved["decode_speed_larger_models"]
     assert set(larger["variants"]) == {"SFT", "IAV", "GenARM"} and larger["hidden_size"] == 32
-    assert {"iav_alpha_1", "iav_kl_matched", "reward_monotonic_in_alpha", "speedup_vs_genarm_larger_models"} <= set(
+    assert {"iav_alpha_1", "iav_kl_matched", "reward_monotonic_in_alpha", "decode_speed", "passed"} <= set(
         saved["bar"]
     )
     assert {"gain_ratio", "iav_kl", "dpo_kl", "kl_no_larger", "passed"} <= set(saved["bar"]["iav_alpha_1"])
+    assert set(saved["bar"]["iav_alpha_1_passed_vs_every_dpo_beta"]) == {f"{b:g}" for b in config.dpo_betas}
+    assert saved["bar"]["decode_speed"]["judged_at"] in saved["bar"]["decode_speed"]["larger_models"]
     assert saved["wall_time_s"]["total"] > 0
 
 
@@ -276,7 +292,102 @@ def test_kl_matched_alpha_is_the_largest_grid_alpha_within_the_kl_budget():
         calls.append(alpha)
         return 4.0 * alpha**2
 
-    assert kl_matched_alpha(validation_kl, target=1.0, step=0.1) == 0.5  # 4 * 0.5^2 = 1 <= 1 < 4 * 0.6^2
-    assert calls == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]  # stops at the first alpha over budget
-    assert kl_matched_alpha(validation_kl, target=0.01, step=0.1) == 0.0
-    assert kl_matched_alpha(validation_kl, target=100.0, step=0.25) == 1.0  # never beyond the standard strength
+    assert kl_matched_alpha(validation_kl, target=1.0, step=0.1, max_alpha=2.0) == 0.5  # 4 * 0.5^2 <= 1 < 4 * 0.6^2
+    assert 0.5 in calls and 0.6 in calls  # both sides of the boundary were evaluated
+    assert len(calls) <= math.ceil(math.log2(21))  # bisection of the 20-step grid, not a walk
+    assert kl_matched_alpha(validation_kl, target=0.01, step=0.1, max_alpha=2.0) == 0.0
+    assert kl_matched_alpha(validation_kl, target=100.0, step=0.25, max_alpha=2.0) == 2.0  # never beyond max_alpha
+    for target in (0.05, 0.3, 2.0, 7.0, 15.9):  # against a plain walk over the grid
+        walk = max((i / 20 for i in range(41) if 4.0 * (i / 20) ** 2 <= target), default=0.0)
+        assert kl_matched_alpha(validation_kl, target=target, step=0.05, max_alpha=2.0) == walk
+
+
+def _fake_run(validation_reward, validation_kl):
+    return Trained(model=(validation_reward, validation_kl), validation_loss=0.5, steps=3, trainable_parameters=1)
+
+
+def test_tuning_keeps_the_best_validation_reward_within_the_kl_budget():
+    outcomes = {1e-3: (0.2, 0.4), 3e-3: (0.5, 0.9), 1e-2: (0.8, 2.5)}  # learning rate -> (reward, KL); stderr 0.1
+    grid = [{"learning_rate": lr} for lr in outcomes]
+    trained = []
+
+    def train(learning_rate):
+        trained.append(learning_rate)
+        return _fake_run(*outcomes[learning_rate])
+
+    def validate(decoder):
+        reward, kl = decoder
+        return {"reward": reward, "kl": kl, "kl_stderr": 0.1}
+
+    run_, report = tune(train, lambda model: model, grid, validate)
+    assert report["chosen"] == {"learning_rate": 1e-2} and run_.model == (0.8, 2.5)  # no budget: best reward
+    assert trained == list(outcomes)
+    run_, report = tune(train, lambda model: model, grid, validate, kl_budget=1.0)
+    assert report["chosen"] == {"learning_rate": 3e-3} and report["within_budget"]  # 1e-2 spends too much KL
+    assert [row["validation_kl"] for row in report["grid"]] == [0.4, 0.9, 2.5] and report["kl_budget"] == 1.0
+    run_, report = tune(train, lambda model: model, grid, validate, kl_budget=1.0, kl_stderrs=2.0)
+    assert report["chosen"] == {"learning_rate": 1e-3}  # 0.9 + 2 * 0.1 > 1.0: only 0.4 + 0.2 is surely within
+    run_, report = tune(train, lambda model: model, grid, validate, kl_budget=0.1)
+    assert report["chosen"] == {"learning_rate": 1e-3} and not report["within_budget"]  # none fits: lowest KL
+
+
+def _row(method, reward, kl, **extra):
+    return {"method": method, "reward": reward, "gain": reward, "kl": kl, **extra}
+
+
+def _speed(sft_s, iav_s, genarm_s):
+    times = {"SFT": sft_s, "IAV": iav_s, "GenARM": genarm_s}
+    return {name: {"speedup_vs": {o: times[o] / times[name] for o in times if o != name}} for name in times}
+
+
+def test_bar_needs_dpos_gain_at_no_larger_kl_a_rising_alpha_sweep_and_the_speedup_on_the_largest_model():
+    rows = [
+        _row("IAV", 0.0, 0.0, alpha=0.0),
+        _row("IAV", 0.3, 0.5, alpha=1.0),
+        _row("IAV", 0.6, 1.5, alpha=2.0),
+        _row("IAV", 0.4, 0.9, alpha=1.5, kl_matched=True),
+        _row("DPO", 0.2, 1.0, beta=0.1),
+        _row("DPO", 0.1, 0.4, beta=0.3),
+    ]
+    larger = [
+        {"parameters": 66e6, "variants": _speed(1.0, 1.0, 1.8)},
+        {"parameters": 200e6, "variants": _speed(1.0, 1.01, 1.95)},
+    ]
+    bar = bar_checks(rows, 0.1, _speed(1.0, 1.05, 1.5), larger)
+    assert bar["iav_alpha_1"]["gain_ratio"] == pytest.approx(1.5) and bar["iav_alpha_1"]["passed"]
+    assert bar["iav_alpha_1_passed_vs_every_dpo_beta"] == {"0.1": True, "0.3": False}  # 0.5 nats > 0.4
+    assert bar["reward_monotonic_in_alpha"]
+    speed = bar["decode_speed"]
+    assert speed["judged_at"] == "200M" and speed["passed"]
+    assert speed["larger_models"]["66M"]["iav_vs_genarm"] == pytest.approx(1.8)
+    assert speed["benchmark_size"]["ceiling_sft_vs_genarm"] == pytest.approx(1.5)
+    assert bar["passed"]
+
+    rows[1] = _row("IAV", 0.3, 1.1, alpha=1.0)  # more KL than DPO at beta 0.1
+    assert not bar_checks(rows, 0.1, _speed(1.0, 1.0, 1.5), larger)["passed"]
+    rows[1] = _row("IAV", 0.19, 0.5, alpha=1.0)  # 95% of DPO's gain
+    assert not bar_checks(rows, 0.1, _speed(1.0, 1.0, 1.5), larger)["iav_alpha_1"]["passed"]
+    rows[1] = _row("IAV", 0.7, 0.5, alpha=1.0)  # more reward at alpha 1 than at alpha 2
+    assert not bar_checks(rows, 0.1, _speed(1.0, 1.0, 1.5), larger)["reward_monotonic_in_alpha"]
+    rows[1] = _row("IAV", 0.3, 0.5, alpha=1.0)
+    larger[1]["variants"] = _speed(1.0, 1.1, 1.95)  # GenARM only 1.77x IAV's time on the largest model
+    assert not bar_checks(rows, 0.1, _speed(1.0, 1.0, 1.5), larger)["passed"]
+
+
+def test_decode_speed_times_exactly_new_tokens_greedily_unless_asked_to_sample():
+    calls = []
+
+    def decoder(**kwargs):
+        calls.append(kwargs)
+
+    inputs = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+    speed = decode_speed({"a": decoder, "b": decoder}, inputs, new_tokens=5, rounds=2, seed=0)
+    assert len(calls) == 2 * (1 + 2)  # one warm-up call and two timed rounds per decoder
+    assert all(not call["do_sample"] and call["min_new_tokens"] == call["max_new_tokens"] == 5 for call in calls)
+    assert set(speed) == {"a", "b"} and set(speed["a"]["speedup_vs"]) == {"b"}
+    assert speed["a"]["tokens_per_s"] == pytest.approx(2 * 5 / speed["a"]["best_s"])  # the best of the rounds
+    assert speed["a"]["best_s"] <= speed["a"]["median_s"]
+    assert speed["a"]["speedup_vs"]["b"] == pytest.approx(speed["b"]["best_s"] / speed["a"]["best_s"])
+    calls.clear()
+    decode_speed({"a": decoder}, inputs, new_tokens=5, rounds=1, seed=0, do_sample=True)
+    assert all(call["do_sample"] and call["temperature"] == 1.0 and call["top_k"] == 0 for call in calls)
