@@ -31,7 +31,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "scipy"],  # scipy: an independent Spearman in the tests
         "deepspeed": ["deepspeed>=0.16", "ninja"],
         "quantization": ["bitsandbytes>=0.50"],  # 0.50: the CPU backend the tests train nf4 models on
         "eval": ["matplotlib>=3.8"],
