@@ -158,6 +158,10 @@ class BenchmarkConfig:
             )
         if 1.0 not in self.iav_alphas:
             raise ValueError("`iav_alphas` must contain 1.0 (the standard strength the bar compares).")
+        if not self.kl_budget_stderrs >= 0:
+            raise ValueError(
+                f"`kl_budget_stderrs` must be >= 0 (a margin under DPO's KL budget), got {self.kl_budget_stderrs}."
+            )
         for name in (
             "iav_learning_rates", "iav_lambda_kls", "dpo_learning_rates", "arm_learning_rates", "genarm_alphas",
             "dpo_betas",

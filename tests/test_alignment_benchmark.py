@@ -116,6 +116,9 @@ def test_benchmark_config_refuses_settings_the_bar_cannot_be_read_from():
         BenchmarkConfig(arm_learning_rates=[])
     with pytest.raises(ValueError, match="`iav_lambda_kls` must not be empty"):
         BenchmarkConfig(iav_lambda_kls=[])
+    for margin in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="`kl_budget_stderrs` must be >= 0"):
+            BenchmarkConfig(kl_budget_stderrs=margin)
 
 
 def _rollouts(rewards, completions):
