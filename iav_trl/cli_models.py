@@ -22,8 +22,8 @@ from huggingface_hub import snapshot_download
 from peft import PeftModel
 from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, get_quantization_config
-from trl.trainer.utils import create_model_from_path
 
+from .base_models import load_base_model, load_base_tokenizer
 from .config import CONFIG_NAME, AlignmentHeadConfig
 from .iav_trainer import BACKBONE_DIR
 from .io import resolve_adapter_file
@@ -99,7 +99,7 @@ class LoadedAdapter:
 
     def load_base_model(self) -> PreTrainedModel:
         """The untouched base model, loaded as the adapter's was (the reference of a fully fine-tuned backbone)."""
-        return create_model_from_path(self.base_model_name_or_path, **self.init_kwargs)
+        return load_base_model(self.base_model_name_or_path, **self.init_kwargs)
 
 
 def adapter_directory(adapter: str) -> str:
@@ -145,17 +145,21 @@ def load_adapter_for_inference(
     backbone = os.path.join(directory, BACKBONE_DIR)
     lora_backbone = os.path.isfile(os.path.join(backbone, "adapter_config.json"))
     trained_backbone = os.path.isdir(backbone) and not lora_backbone
-    model = create_model_from_path(backbone if trained_backbone else base, **init_kwargs)
+    model = load_base_model(backbone if trained_backbone else base, **init_kwargs)
     if lora_backbone:
         model = PeftModel.from_pretrained(model, backbone)
     has_tokenizer = os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(
-        directory if has_tokenizer else base, trust_remote_code=trust_remote_code
+    tokenizer = (
+        AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        if has_tokenizer
+        else load_base_tokenizer(base, trust_remote_code=trust_remote_code)
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The base the adapter records must be the one it trained on; a base the user names is their choice (a warning).
+    strict = model_args.model_name_or_path is None or is_tiny(model_args.model_name_or_path)
     return LoadedAdapter(
-        model=IAVModel.from_pretrained(model, directory).eval(),
+        model=IAVModel.from_pretrained(model, directory, strict=strict).eval(),
         tokenizer=tokenizer,
         base_model_name_or_path=base,
         trained_backbone=trained_backbone,

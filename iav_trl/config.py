@@ -42,7 +42,8 @@ class AlignmentHeadConfig:
 
     Parameters that record the base model (filled in by `get_iav_model`, checked on load):
         base_model_name_or_path (`str`, *optional*):
-            Hub id or path of the base model the head was built for.
+            Hub id, path, GGUF file or `package:` name of the base model the head was built for
+            (`iav_trl.base_models`): `iav-trl generate/eval` load the base from it.
         revision (`str`, *optional*):
             Revision of that base model.
         hidden_size (`int`, *optional*):
@@ -51,6 +52,9 @@ class AlignmentHeadConfig:
             Vocabulary size of the base model's output embeddings. Loading onto another vocabulary is refused.
         model_type (`str`, *optional*):
             `config.model_type` of the base model, for the model card and diagnostics.
+        base_model_fingerprint (`dict`, *optional*):
+            A sample of the base model's weights (`iav_trl.fingerprint`). Loading onto a base whose weights differ
+            (same shapes, other model) warns, or raises with `strict=True`.
         inference_mode (`bool`, defaults to `False`):
             Set when the head is loaded for inference (`is_trainable=False`): its parameters are frozen.
     """
@@ -64,6 +68,9 @@ class AlignmentHeadConfig:
     hidden_size: int | None = field(default=None, metadata={"help": "Hidden size of the base model."})
     vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary size of the base model."})
     model_type: str | None = field(default=None, metadata={"help": "`model_type` of the base model."})
+    base_model_fingerprint: dict | None = field(
+        default=None, metadata={"help": "A sample of the base model's weights, checked on load."}
+    )
     inference_mode: bool = field(default=False, metadata={"help": "Whether the head is frozen for inference."})
 
     def __post_init__(self) -> None:

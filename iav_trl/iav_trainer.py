@@ -9,19 +9,22 @@ import os
 from types import SimpleNamespace
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
 from trl.trainer.utils import create_model_from_path
 
+from .base_models import resolve_base_model
 from .callbacks import NonFiniteGuard
 from .config import AlignmentHeadConfig
+from .fingerprint import weights_fingerprint
 from .iav_config import IAVConfig
 from .input_checks import check_not_emptied, check_pad_token, check_preference_datasets, named_datasets
 from .io import atomic_write, atomic_write_text, checkpoint_problem, last_complete_checkpoint
@@ -148,7 +151,12 @@ class IAVTrainer(DPOTrainer):
             model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
                 model_init_kwargs["device_map"] = None  # one whole copy per process, as DPOTrainer loads it
-            model = create_model_from_path(model, **model_init_kwargs)
+            with PartialState().main_process_first():  # one process converts a GGUF base, the others reuse it
+                path, model_init_kwargs, name = resolve_base_model(model, model_init_kwargs)
+            model = create_model_from_path(path, **model_init_kwargs)
+            if path != name:  # a GGUF or package base: its tokenizer is in `path`, and the adapter records `name`
+                processing_class = processing_class or AutoTokenizer.from_pretrained(path)
+                model.config._name_or_path = name
             quantization_config = None
             args.model_init_kwargs = None
         model = self._attach_head(model, peft_config)
@@ -286,6 +294,11 @@ class IAVTrainer(DPOTrainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
+        full_backbone = any(p.requires_grad for p in model.base_model.parameters()) and not _is_peft(model.base_model)
+        if full_backbone:  # the heads belong to the trained backbone saved next to them, not to the initial base
+            fingerprint = weights_fingerprint(model.get_base_model())
+            for name, config in model.iav_config.items():
+                model.iav_config[name] = dataclasses.replace(config, base_model_fingerprint=fingerprint)
         model.save_pretrained(output_dir, state_dict=state_dict, datasets=self._dataset_names())
         if any(p.requires_grad for p in model.base_model.parameters()):
             backbone_state = None

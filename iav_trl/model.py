@@ -29,11 +29,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .alpha import AlphaLike, resolve_alpha
+from .base_models import load_base_model, recorded_source
 from .config import CONFIG_NAME, WEIGHTS_DIGEST_KEY, AlignmentHeadConfig, read_config_file
+from .fingerprint import fingerprint_mismatch, weights_fingerprint
 from .fused import GramCache, fused_token_stats
 from .io import atomic_write, atomic_write_text, check_adapter_name, resolve_adapter_file, tensor_digest
 from .layer import AlignmentHead
@@ -111,6 +113,7 @@ class IAVModel(nn.Module):
         config: AlignmentHeadConfig,
         adapter_name: str = "default",
         freeze_backbone: bool = True,
+        strict: bool = False,
     ):
         super().__init__()
         causal_lm = _unwrap_peft(model)
@@ -129,7 +132,7 @@ class IAVModel(nn.Module):
         self._call: _Call | None = None
         if freeze_backbone:
             model.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, strict=strict)
         causal_lm.get_output_embeddings().register_forward_pre_hook(self._lm_head_pre_hook)
         causal_lm.register_forward_hook(self._model_hook)
 
@@ -158,12 +161,13 @@ class IAVModel(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Adapters
 
-    def add_adapter(self, adapter_name: str, config: AlignmentHeadConfig) -> None:
-        """Attach a new, zero-initialised head `adapter_name` (it starts at `a_t == 0`) and make it active."""
+    def add_adapter(self, adapter_name: str, config: AlignmentHeadConfig, strict: bool = False) -> None:
+        """Attach a new, zero-initialised head `adapter_name` (it starts at `a_t == 0`) and make it active. A config
+        that records another base model (other weights, see `iav_trl.fingerprint`) warns, or raises with `strict`."""
         check_adapter_name(adapter_name)
         if adapter_name in self.alignment_heads:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; loaded: {self.adapter_names}.")
-        config = self._bind_config(config)
+        config = self._bind_config(config, strict)
         weight = self.output_embeddings.weight
         head_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         if not weight.dtype.is_floating_point:
@@ -179,13 +183,16 @@ class IAVModel(nn.Module):
         if not self._adapter_weights:
             self._adapter_weights = {adapter_name: 1.0}
 
-    def _bind_config(self, config: AlignmentHeadConfig) -> AlignmentHeadConfig:
-        """Fill in the base model's shapes, refusing a config made for different ones."""
+    def _bind_config(self, config: AlignmentHeadConfig, strict: bool) -> AlignmentHeadConfig:
+        """Fill in the base model's name, shapes and weights fingerprint; refuse a config made for other shapes, and
+        warn about (or, `strict`, refuse) one made for other weights."""
         causal_lm = self.get_base_model()
         weight = self.output_embeddings.weight
         # A weight partitioned by DeepSpeed ZeRO-3 is an empty 1-D tensor; `ds_shape` is its full shape.
         vocab_size, hidden_size = getattr(weight, "ds_shape", weight.shape)[-2:]
         name = getattr(causal_lm.config, "_name_or_path", None) or None
+        source = recorded_source(name)  # a GGUF base converted by `iav_trl.base_models`: the name it was given
+        name = source["name"] if source else name
         for field, actual in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
             expected = getattr(config, field)
             if expected is not None and expected != actual:
@@ -195,7 +202,18 @@ class IAVModel(nn.Module):
                     f"{field}={actual} ({name or type(causal_lm).__name__}). Load it onto the base model it was "
                     "trained for."
                 )
-        if config.base_model_name_or_path and name and not _same_model(config.base_model_name_or_path, name):
+        mismatch = config.base_model_fingerprint and fingerprint_mismatch(config.base_model_fingerprint, causal_lm)
+        if mismatch:
+            message = (
+                f"This alignment head was trained on the base model {config.base_model_name_or_path or '(unnamed)'}, "
+                f"but the model it is loaded onto ({name or type(causal_lm).__name__}) has other weights: {mismatch}. "
+                "Its alignment vectors are meaningless there. Load it onto the base it was trained on (`iav-trl "
+                "generate/eval` do so when no --model_name_or_path is given)"
+            )
+            if strict:
+                raise ValueError(message + ".")
+            logger.warning("%s, or pass `strict=True` to make this an error.", message)
+        elif config.base_model_name_or_path and name and not _same_model(config.base_model_name_or_path, name):
             logger.warning(
                 "The alignment head was trained on %r but is loaded onto %r. Shapes match, so it loads; check that "
                 "the two are the same model.",
@@ -208,6 +226,7 @@ class IAVModel(nn.Module):
             hidden_size=int(hidden_size),
             vocab_size=int(vocab_size),
             model_type=config.model_type or causal_lm.config.model_type,
+            base_model_fingerprint=config.base_model_fingerprint or weights_fingerprint(causal_lm),
         )
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -528,19 +547,24 @@ class IAVModel(nn.Module):
         is_trainable: bool = False,
         subfolder: str | None = None,
         allow_pickle: bool = False,
+        strict: bool = False,
+        model_init_kwargs: Mapping[str, Any] | None = None,
         **hub_kwargs: Any,
     ) -> IAVModel:
         """
-        Load a saved head onto `model` (a causal LM, or its id/path, loaded without remote code). With
-        `is_trainable=False` (the default) the head is frozen for inference. `revision`, `token`, `cache_dir`, ... are
-        passed to the Hub download. Weights are read from safetensors only; `allow_pickle=True` also accepts an
-        `alignment_head.bin`/`.pt`, read with `torch.load(weights_only=True)`: only for files you trust.
+        Load a saved head onto `model`: a causal LM, or its name (a Hub id or path, a GGUF file, `repo:file.gguf` or
+        `package:<module>/<file>`, see `iav_trl.base_models`), loaded without remote code with `model_init_kwargs`
+        (`dtype`, `gguf_file`, `revision`, `attn_implementation`, ...). With `is_trainable=False` (the default) the
+        head is frozen for inference. `revision`, `token`, `cache_dir`, ... are passed to the Hub download of the
+        adapter. A head trained on another base of the same shapes (its recorded weights fingerprint differs) loads
+        with a warning, or raises with `strict=True`. Weights are read from safetensors only; `allow_pickle=True` also
+        accepts an `alignment_head.bin`/`.pt`, read with `torch.load(weights_only=True)`: only for files you trust.
         """
         if isinstance(model, (str, os.PathLike)):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = load_base_model(os.fspath(model), **dict(model_init_kwargs or {}))
         config, tensors, path = _read_adapter(model_id, subfolder, hub_kwargs, allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        iav_model = cls(model, config, adapter_name=adapter_name)
+        iav_model = cls(model, config, adapter_name=adapter_name, strict=strict)
         iav_model._set_head_tensors(adapter_name, tensors, path)
         return iav_model
 
@@ -551,12 +575,13 @@ class IAVModel(nn.Module):
         is_trainable: bool = False,
         subfolder: str | None = None,
         allow_pickle: bool = False,
+        strict: bool = False,
         **hub_kwargs: Any,
     ) -> None:
         """Load another saved head under `adapter_name` (not activated: see `set_adapter`), like `from_pretrained`."""
         config, tensors, path = _read_adapter(model_id, subfolder, hub_kwargs, allow_pickle)
         active = self.adapter_weights
-        self.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=not is_trainable))
+        self.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=not is_trainable), strict=strict)
         try:
             self._set_head_tensors(adapter_name, tensors, path)
         except Exception:
@@ -715,10 +740,11 @@ def _rows(strength: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _same_model(recorded: str, actual: str) -> bool:
-    """Whether two `name_or_path`s name one model: equal ids, or local paths (relative or not) to one directory."""
+    """Whether two `name_or_path`s name one model: equal ids, or local paths (relative or not) to one directory or
+    GGUF file."""
     if recorded == actual:
         return True
-    return os.path.isdir(recorded) and os.path.isdir(actual) and os.path.samefile(recorded, actual)
+    return os.path.exists(recorded) and os.path.exists(actual) and os.path.samefile(recorded, actual)
 
 
 def _load_balancing_loss(causal_lm: PreTrainedModel, router_logits, attention_mask) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from .alpha import ALPHA_GUIDE
+from .base_models import hub_model_id
 from .config import AlignmentHeadConfig
 
 
@@ -17,13 +18,14 @@ def build_model_card(
     """A model card whose YAML header the Hub reads (`base_model`, `library_name`, `tags`, `datasets`)."""
     first = next(iter(configs.values()))
     base = first.base_model_name_or_path
+    hub_base = hub_model_id(base)  # the Hub's metadata takes repo ids only, not local or package files
     header = ["---"]
-    if base:
-        header.append(f"base_model: {base}")
+    if hub_base:
+        header.append(f"base_model: {hub_base}")
     header.append("library_name: iav-trl")
     tags = ["iav-trl", "alignment-head", "inherent-alignment-vectors", "trl", "dpo"]
-    if base:
-        tags.append(f"base_model:adapter:{base}")
+    if hub_base:
+        tags.append(f"base_model:adapter:{hub_base}")
     header.append("tags:")
     header.extend(f"- {tag}" for tag in tags)
     if datasets:
