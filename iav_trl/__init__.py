@@ -5,6 +5,7 @@ test time.
 """
 
 from .alpha import ALPHA_GUIDE
+from .base_models import load_base_model, load_base_tokenizer, resolve_base_model
 from .config import AlignmentHeadConfig
 from .data import build_dataset_mixture, detect_schema, load_preference_dataset, parse_hh_dialogue
 from .evaluation import EvaluationConfig, IAVEvaluator
@@ -36,6 +37,9 @@ __all__ = [
     "detect_schema",
     "genarm_generate",
     "get_iav_model",
+    "load_base_model",
+    "load_base_tokenizer",
     "load_preference_dataset",
     "parse_hh_dialogue",
+    "resolve_base_model",
 ]

@@ -1,0 +1,253 @@
+"""The real-data benchmark (`benchmarks/real_data_benchmark.py`) end to end on a tiny random model and the fixtures."""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import datasets
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from alignment_benchmark import genarm_decoder, iav_decoder  # noqa: E402
+from alignment_rollouts import SAMPLING  # noqa: E402
+from real_data_benchmark import (  # noqa: E402
+    DATASETS,
+    RealDataConfig,
+    benchmark,
+    load_pairs,
+    rises,
+    split_pairs,
+    split_sizes,
+    write,
+)
+from real_data_methods import METHODS, genarm_scorer, iav_scorer, model_scorer, train_isolated  # noqa: E402
+
+from iav_trl import get_iav_model, load_preference_dataset  # noqa: E402
+from iav_trl.base_models import load_base_model, load_base_tokenizer  # noqa: E402
+from iav_trl.inference import completion_mask, encode_prompts  # noqa: E402
+from iav_trl.tiny import preference_texts, save_tiny_checkpoint  # noqa: E402
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+HH = os.path.join(FIXTURES, "hh-rlhf-harmless-base-test-40.jsonl")
+ULTRAFEEDBACK = os.path.join(FIXTURES, "ultrafeedback-binarized-train_prefs-40.jsonl")
+ALPHAS = [0.0, 0.5, 1.0, 1.5, 2.0]
+# 13 HH-RLHF and 19 UltraFeedback fixture pairs fit 128 tokens: fewer than the 24 asked, so both splits are scaled.
+MINIATURE = dict(
+    max_length=128,
+    num_train=16,
+    num_validation=4,
+    num_heldout=4,
+    batch_size=4,
+    warmup_ratio=0.0,
+    iav_learning_rates=[1e-2, 3e-2],
+    dpo_learning_rates=[1e-2],
+    genarm_learning_rates=[1e-2],
+    isolate_training=False,
+    eval_batch_size=4,
+    kl_prompts=2,
+    kl_samples=2,
+    kl_new_tokens=6,
+    sample_batch_size=4,
+    speed_prompts=2,
+    speed_new_tokens=3,
+    speed_rounds=1,
+    num_generation_prompts=2,
+    generation_new_tokens=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random tiny Llama with a BPE tokenizer trained on the fixtures' texts, saved as a checkpoint directory."""
+    datasets.disable_progress_bars()
+    texts = [text for path in (HH, ULTRAFEEDBACK) for text in preference_texts(load_preference_dataset(path))]
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), texts, vocab_size=1024, hidden_size=32)
+
+
+@pytest.fixture(scope="module")
+def miniature(tiny_model, tmp_path_factory):
+    config = RealDataConfig(
+        model=tiny_model,
+        hh_rlhf=HH,
+        ultrafeedback=ULTRAFEEDBACK,
+        output_dir=str(tmp_path_factory.mktemp("results")),
+        **MINIATURE,
+    )
+    results = benchmark(config, "pytest")
+    json_path, md_path = write(results, config.output_dir)
+    with open(json_path) as fh:
+        saved = json.load(fh)
+    with open(md_path) as fh:
+        report = fh.read()
+    return config, saved, report
+
+
+def _numbers(value, path="results"):
+    """Every number in a JSON tree, with where it is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{index}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, value
+
+
+def test_every_section_is_there_with_finite_numbers(miniature):
+    config, saved, _ = miniature
+    assert {"config", "environment", "model", "data", "datasets", "bar", "wall_time_s"} <= set(saved)
+    for dataset in DATASETS:
+        figures = saved["datasets"][dataset]
+        assert {"tuning", "training", "heldout", "kl", "decode_speed", "generations"} <= set(figures)
+        assert set(figures["tuning"]) == set(figures["training"]) == set(figures["heldout"]) == set(METHODS)
+        assert [row["alpha"] for row in figures["heldout"]["iav"]] == ALPHAS
+        assert [row["setting"] for row in figures["kl"]] == [f"IAV alpha={a:g}" for a in ALPHAS] + [
+            "DPO + LoRA",
+            "GenARM alpha=1",
+        ]
+        assert set(figures["decode_speed"]["variants"]) == {"base", *METHODS}
+        assert len(figures["generations"]) == config.num_generation_prompts
+        assert all(len(entry["responses"]) == len(ALPHAS) + 2 for entry in figures["generations"])
+        assert figures["training"]["dpo_lora"]["time_vs_dpo_lora"] == 1.0
+    hh = saved["datasets"]["hh_rlhf"]
+    assert [row["setting"] for row in hh["kl_on_ultrafeedback_prompts"]] == ["IAV alpha=1", "DPO + LoRA"]
+    assert len(hh["generations_on_ultrafeedback_prompts"]) == config.num_generation_prompts
+    numbers = list(_numbers(saved))
+    assert len(numbers) > 200
+    assert all(math.isfinite(value) for _, value in numbers), [path for path, v in numbers if not math.isfinite(v)]
+
+
+def test_iav_at_alpha_zero_ties_every_pair_and_spends_no_kl(miniature):
+    _, saved, report = miniature
+    for dataset in DATASETS:
+        figures = saved["datasets"][dataset]
+        alpha_0, alpha_1 = figures["heldout"]["iav"][0], figures["heldout"]["iav"][2]
+        assert alpha_0["margin"] == 0.0 and alpha_0["chosen_reward"] == alpha_0["rejected_reward"] == 0.0
+        assert (
+            alpha_0["tie"] and alpha_0["win_rate"] == 0.5 and alpha_0["accuracy"] == 0.0
+        )  # TRL counts ties as losses
+        kl_0 = figures["kl"][0]
+        assert kl_0["setting"] == "IAV alpha=0"
+        assert kl_0["kl_per_token"] == 0.0 and kl_0["stepwise_kl_per_token"] == 0.0
+        # The checks can fail: the trained head moves both.
+        assert alpha_1["margin"] != 0.0 and not alpha_1["tie"]
+        assert figures["kl"][2]["stepwise_kl_per_token"] > 0.0
+    assert "| IAV | alpha=0 | tie (0.5) | 0.0000 |" in report
+
+
+def test_every_method_trains_the_same_pairs_for_the_same_steps(miniature):
+    config, saved, _ = miniature
+    for dataset in DATASETS:
+        data = saved["data"][dataset]
+        tuning = saved["datasets"][dataset]["tuning"]
+        steps = {run["steps"] for report in tuning.values() for run in report["runs"]}
+        assert steps == {math.ceil(data["train"] / config.batch_size)}
+        assert [run["learning_rate"] for run in tuning["iav"]["runs"]] == config.iav_learning_rates
+        best = max(tuning["iav"]["runs"], key=lambda run: (run["validation"]["accuracy"], -run["validation"]["loss"]))
+        assert tuning["iav"]["chosen_learning_rate"] == best["learning_rate"]
+        assert data["train"] + data["validation"] + data["heldout"] <= data["fitting"] < 24  # scaled down to fit
+    assert saved["data"]["hh_rlhf"]["train"] == 13 * 16 // 24
+
+
+def test_report_has_each_dataset_and_the_bar(miniature):
+    _, saved, report = miniature
+    for label in DATASETS.values():
+        assert f"### {label}" in report
+    assert "### Bar" in report and report.count("| PASS |") + report.count("| FAIL |") == 9
+    assert isinstance(saved["bar"]["passed"], bool)
+    for dataset in DATASETS:
+        assert len([name for name in saved["bar"][dataset] if name != "passed"]) == 4
+
+
+def test_pairs_fit_and_splits_are_seeded_and_disjoint(tiny_model):
+    tokenizer = load_base_tokenizer(tiny_model)
+    pairs, counts = load_pairs(HH, tokenizer, 128)
+    assert counts["fitting"] == len(pairs) < counts["distinct_prompts"] <= counts["pairs"]
+    config = RealDataConfig(num_train=6, num_validation=3, num_heldout=4)
+    splits = split_pairs(pairs, config)
+    assert [len(splits[name]) for name in ("train", "validation", "heldout")] == [6, 3, 4]
+    prompts = [{json.dumps(row["prompt"]) for row in split} for split in splits.values()]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    assert split_pairs(pairs, config)["heldout"]["prompt"] == splits["heldout"]["prompt"]
+    assert split_pairs(pairs, dataclasses.replace(config, seed=1))["heldout"]["prompt"] != splits["heldout"]["prompt"]
+
+
+def test_split_sizes_scale_down_together_when_few_pairs_fit():
+    requested = {"train": 64, "validation": 24, "heldout": 48}
+    assert split_sizes(500, requested) == requested
+    assert split_sizes(107, requested) == {"train": 50, "validation": 18, "heldout": 37}
+    with pytest.raises(ValueError, match="too few"):
+        split_sizes(2, requested)
+
+
+def test_rising_means_never_falling_and_ending_higher():
+    assert rises([0.5, 0.5, 0.6]) and rises([0.0, 0.1, 0.3])
+    assert not rises([0.5, 0.5, 0.5]) and not rises([0.5, 0.7, 0.6])
+
+
+def test_config_refuses_an_alpha_sweep_the_bar_cannot_read():
+    for alphas in ([0.5, 1.0], [0.0, 2.0], [0.0, 1.0, 0.5]):
+        with pytest.raises(ValueError, match="iav_alphas"):
+            RealDataConfig(iav_alphas=alphas)
+    with pytest.raises(ValueError, match="`dpo_learning_rates` must not be empty"):
+        RealDataConfig(dpo_learning_rates=[])
+
+
+def test_a_spawned_training_run_reports_its_own_time_and_memory(tiny_model, tmp_path):
+    tokenizer = load_base_tokenizer(tiny_model)
+    pairs, _ = load_pairs(ULTRAFEEDBACK, tokenizer, 128)
+    config = RealDataConfig(model=tiny_model, max_length=128, batch_size=2, eval_batch_size=2)
+    run = train_isolated(config, "iav", 1e-2, pairs.select(range(4)), pairs.select(range(4, 6)), str(tmp_path))
+    assert run["steps"] == 2 and run["train_seconds"] > 0
+    assert run["abs_peak_mb"] >= run["rss_before_train_mb"] > 0
+    assert os.path.isfile(tmp_path / "alignment_head.safetensors")
+
+
+def test_scorers_give_the_distribution_each_method_samples_from(tiny_model):
+    """
+    Teacher-forced scores against `generate`'s own scores, for IAV, a fine-tuned model and GenARM; every scorer's
+    base log-probabilities against the base model's decoding distribution (IAV at alpha 0, where both are one).
+    """
+    tokenizer = load_base_tokenizer(tiny_model)
+    base = load_base_model(tiny_model).eval()
+    iav = get_iav_model(base).eval()
+    other = load_base_model(tiny_model).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a non-zero head and a perturbed copy, as after training
+        for param in iav.alignment_heads.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        for param in other.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    pairs, _ = load_pairs(HH, tokenizer, 128)
+    inputs = encode_prompts(tokenizer, pairs["prompt"][:3])
+    base_scorer = iav_scorer(iav, 0.0)
+    methods = {
+        "base": (iav_decoder(iav, 0.0), base_scorer),
+        "IAV alpha=1": (iav_decoder(iav, 1.0), iav_scorer(iav, 1.0)),
+        "fine-tuned": (other.generate, model_scorer(other, base)),
+        "GenARM alpha=2": (genarm_decoder(base, other, 2.0), genarm_scorer(base, other, 2.0)),
+    }
+    eos, length = tokenizer.eos_token_id, inputs["input_ids"].shape[1]
+    for name, (decoder, scorer) in methods.items():
+        torch.manual_seed(0)
+        out = decoder(
+            **inputs, **SAMPLING, max_new_tokens=8, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True, output_scores=True,
+        )  # fmt: skip
+        mask = completion_mask(out.sequences[:, length:], eos)
+        full_mask = torch.cat([inputs["attention_mask"], mask], dim=1)
+        logp, ref = scorer(out.sequences, full_mask, length)
+        decoded = torch.stack(out.scores, dim=1).float().log_softmax(-1)
+        keep = mask.bool().unsqueeze(-1).expand_as(logp)
+        torch.testing.assert_close(logp[keep], decoded[keep], atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ref, base_scorer(out.sequences, full_mask, length)[0], atol=1e-5, rtol=1e-5)
+        if name == "base":
+            assert torch.equal(logp, ref)
+        else:
+            assert (logp - ref)[keep].abs().max() > 1e-2, name  # the comparison can fail
