@@ -22,6 +22,7 @@ from iav_trl.base_models import (
     recorded_source,
     resolve_base_model,
 )
+from iav_trl.cli_recipe import parse_command_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,9 +37,10 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A fresh conversion cache for this module (the GGUF file is converted once, about 30 s)."""
-    path = str(tmp_path_factory.mktemp("iav-cache"))
+def cache(request):
+    """The conversion cache of these tests, kept in pytest's cache directory: a clean checkout converts the GGUF file
+    once (about 30 s), later runs reuse it."""
+    path = str(request.config.cache.mkdir("iav_trl_cache"))
     previous = os.environ.get("IAV_TRL_CACHE")
     os.environ["IAV_TRL_CACHE"] = path
     yield path
@@ -182,3 +184,11 @@ def test_command_line_trains_on_a_package_model_and_generate_finds_it_from_the_a
     with open(output_dir / "alignment_head_config.json") as fh:
         assert json.load(fh)["base_model_name_or_path"] == PACKAGE_NAME
     assert 'alpha=0     "' in result.stdout and "Hello" in result.stdout  # the real model greets back
+
+
+def test_the_quickstart_recipe_trains_on_the_package_model(cache):
+    recipe = os.path.join(ROOT, "recipes", "quickstart_smollm2.yaml")
+    _, training_args, model_args = parse_command_args("train", ["--config", recipe])
+    assert model_args.model_name_or_path == PACKAGE_NAME
+    path, _, name = resolve_base_model(model_args.model_name_or_path, training_args.model_init_kwargs)
+    assert name == PACKAGE_NAME and recorded_source(path)["gguf_file"] == GGUF
