@@ -103,6 +103,13 @@ _KNOWN_SCHEMAS = {
     "trl-lib/ultrafeedback_binarized": "trl",
 }
 
+# Short names (as the IAV seed's `train.sh <model> ultrafeedback <dir>` took them) -> Hub ids. A local file or
+# directory of the same name wins.
+DATASET_SHORT_NAMES = {
+    "hh-rlhf": "Anthropic/hh-rlhf",
+    "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
+}
+
 # H4's ultrafeedback has no "train"/"test" splits; its preference splits are "train_prefs"/"test_prefs".
 _SPLIT_ALIASES = {"HuggingFaceH4/ultrafeedback_binarized": {"train": "train_prefs", "test": "test_prefs"}}
 
@@ -385,6 +392,15 @@ def _hub_split(name: str, split: str) -> str:
     return _SPLIT_ALIASES.get(name, {}).get(base, base) + bracket + rest
 
 
+def resolve_dataset_name(name_or_path: str | os.PathLike) -> str:
+    """The Hub id a short name stands for (`DATASET_SHORT_NAMES`: ``"hh-rlhf"``, ``"ultrafeedback"``), unless a local
+    file or directory has that name; any other name unchanged."""
+    path = os.fspath(name_or_path)
+    if path in DATASET_SHORT_NAMES and not os.path.exists(path):
+        return DATASET_SHORT_NAMES[path]
+    return path
+
+
 def _load_source(
     source: DataSource, split: str, config: str | None, data_files: Any, load_kwargs: Mapping[str, Any]
 ) -> Dataset:
@@ -395,7 +411,7 @@ def _load_source(
         if split not in source:
             raise ValueError(f"The DatasetDict has no split {split!r}; its splits are {', '.join(source)}.")
         return source[split]
-    path = os.fspath(source)
+    path = resolve_dataset_name(source)
     builder = _data_file_builder(path)
     if os.path.isfile(path):
         if builder is None:
@@ -410,7 +426,7 @@ def _load_source(
 
 def _source_name(source: DataSource) -> str:
     """Name ``source`` in messages and for known-name schema detection."""
-    return _IN_MEMORY if isinstance(source, (Dataset, DatasetDict)) else os.fspath(source)
+    return _IN_MEMORY if isinstance(source, (Dataset, DatasetDict)) else resolve_dataset_name(source)
 
 
 def load_preference_dataset(
@@ -427,7 +443,9 @@ def load_preference_dataset(
 
     Args:
         name_or_path: What to read. An existing file ending in ``.json``, ``.jsonl``, ``.json.gz``, ``.jsonl.gz`` or
-            ``.parquet`` is read whole, as one split (``split`` is not used). A directory or a Hub id goes to
+            ``.parquet`` is read whole, as one split (``split`` is not used). The short names ``"hh-rlhf"`` and
+            ``"ultrafeedback"`` mean ``Anthropic/hh-rlhf`` and ``HuggingFaceH4/ultrafeedback_binarized``
+            (`DATASET_SHORT_NAMES`) unless a local path has that name. A directory or a Hub id goes to
             ``datasets.load_dataset(name_or_path, config, split=split, data_files=data_files)``, which names a
             directory's splits after its files (``train.jsonl``, ``test.jsonl``) and reads a Hub id from the local
             cache when offline. A `datasets.Dataset` is used as is, a `datasets.DatasetDict` by ``split`` (for a
