@@ -1,5 +1,6 @@
 """The `iav-trl` command line: real commands in subprocesses on tiny models (offline), and its flags and defaults."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -332,3 +333,29 @@ def test_recipe_model_sizes_that_differ_from_the_loaded_model_stop_train_before_
     expected = r"model.hidden_size: 64, but the loaded model 'tiny:llama' has hidden_size 128"
     with pytest.raises(ValueError, match=expected):
         main(["train", "--config", str(path)])
+
+
+def test_the_seed_recipes_inference_max_length_reaches_generate_as_the_total_length(tmp_path, monkeypatch):
+    import iav_trl.cli_inference as cli_inference
+
+    calls = []
+
+    class RecordingInference:
+        def __init__(self, model, tokenizer):
+            pass
+
+        def generate(self, prompts, **kwargs):
+            calls.append(kwargs)
+            return ["ok"] * len(prompts)
+
+    monkeypatch.setattr(
+        cli_inference, "load_adapter_for_inference", lambda *args: argparse.Namespace(model=None, tokenizer=None)
+    )
+    monkeypatch.setattr(cli_inference, "IAVInference", RecordingInference)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"inference": {"default_alpha": 1.5, "max_length": 96}, "output_dir": "out"}))
+    cli_inference.generate(*parse_command_args("generate", ["--config", str(path), "--prompt", "Hi"]))
+    assert calls[0]["alpha"] == [1.5]
+    assert (calls[0]["max_length"], calls[0]["max_new_tokens"]) == (96, None)
+    cli_inference.generate(*parse_command_args("generate", ["--adapter", "out", "--prompt", "Hi"]))
+    assert (calls[1]["max_length"], calls[1]["max_new_tokens"]) == (None, 128)
