@@ -3,6 +3,9 @@
 #
 #   ./train.sh [model_name] [dataset_name] [output_dir] [any `iav-trl train` flag ...]
 #
+# dataset_name is a Hub id, a local file or folder, or the seed's short names `hh-rlhf` (Anthropic/hh-rlhf) and
+# `ultrafeedback` (HuggingFaceH4/ultrafeedback_binarized), e.g. `./train.sh meta-llama/Llama-2-7b-hf ultrafeedback out`.
+#
 # The defaults are the seed recipe's (argsearch/llama-7b-sft-float32 on Anthropic/hh-rlhf, 3 epochs, batch size 4,
 # learning rate 5e-5, beta 0.1, lambda_kl 0.1, lambda_l2 0.01, 8 interventions of dimension 256); they live in
 # `iav-trl train` (iav_trl/cli_args.py), so a positional argument that is left out keeps them. Further arguments go

@@ -7,11 +7,14 @@ For real work pass a base model and a trained head:
 
     python examples/evaluate.py [--output-dir outputs/evaluate] [--prompts 16] [--max-new-tokens 32]
     python examples/evaluate.py --model Qwen/Qwen2.5-0.5B-Instruct --adapter path/to/head
+
+Needs the `eval` extra for its plots (matplotlib): pip install "iav-trl[eval]".
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 
@@ -51,6 +54,15 @@ def tiny_model_and_tokenizer(dataset):
     return model, tokenizer
 
 
+def check_requirements() -> None:
+    """Fail at start, not after the evaluation, when the plots' matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit(
+            "examples/evaluate.py plots its results with matplotlib, which is not installed: run `pip install "
+            '"iav-trl[eval]"` (or `pip install matplotlib`).'
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/evaluate")
@@ -60,6 +72,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the cost comparison")
     args = parser.parse_args()
+    check_requirements()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     dataset = load_preference_dataset(DATA)  # HH-RLHF dialogues -> TRL conversational format

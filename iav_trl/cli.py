@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .cli_inference import evaluate, generate
-from .cli_recipe import parse_command_args
+from .cli_recipe import RecipeError, parse_command_args
 from .cli_train import train
 
 COMMANDS: dict[str, tuple[str, Callable[..., Any]]] = {
@@ -45,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help()
         return 0
-    command_args = parse_command_args(command, argv[argv.index(command) + 1 :])
+    try:
+        command_args = parse_command_args(command, argv[argv.index(command) + 1 :])
+    except RecipeError as err:  # the message names the file, the place and the fix: a traceback adds nothing
+        print(f"iav-trl {command}: error: {err}", file=sys.stderr)
+        return 2
     COMMANDS[command][1](*command_args)
     return 0

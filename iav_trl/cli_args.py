@@ -2,11 +2,12 @@
 
 Each command parses a tuple of dataclasses (`COMMAND_DATACLASSES`) with `iav_trl.cli_recipe.RecipeParser`:
 
-    train     (IAVScriptArguments, IAVConfig, ModelConfig)
-    generate  (GenerateArguments, ModelConfig)
-    eval      (IAVScriptArguments, EvalArguments, IAVConfig, ModelConfig)
+    train     (IAVScriptArguments, IAVConfig, IAVModelConfig)
+    generate  (GenerateArguments, IAVModelConfig)
+    eval      (IAVScriptArguments, EvalArguments, IAVConfig, IAVModelConfig)
 
-`IAVConfig` is `trl.DPOConfig` plus the IAV fields, `ModelConfig` and `ScriptArguments` are TRL's own.
+`IAVConfig` is `trl.DPOConfig` plus the IAV fields, `IAVModelConfig` is `trl.ModelConfig` plus the base model's
+expected sizes; `ScriptArguments` is TRL's own.
 """
 
 from __future__ import annotations
@@ -85,6 +86,26 @@ class IAVScriptArguments(ScriptArguments):
 
 
 @dataclass
+class IAVModelConfig(ModelConfig):
+    """
+    `trl.ModelConfig` plus the sizes the IAV seed's recipes state for the base model (`model.vocab_size`,
+    `model.hidden_size`). Each one that is set is checked against the loaded model's config when the model is loaded
+    (`iav_trl.cli_models.check_model_sizes`), so that a recipe written for another model fails before training
+    instead of training a head for the wrong model.
+
+    vocab_size (`int`, *optional*): the base model's vocabulary size (its `config.vocab_size`).
+    hidden_size (`int`, *optional*): the base model's hidden size (its `config.hidden_size`).
+    """
+
+    vocab_size: int | None = field(
+        default=None, metadata={"help": "Expected vocabulary size of the base model; checked when it is loaded."}
+    )
+    hidden_size: int | None = field(
+        default=None, metadata={"help": "Expected hidden size of the base model; checked when it is loaded."}
+    )
+
+
+@dataclass
 class AdapterArguments:
     """The adapter to load and the strengths to use (`generate` and `eval`)."""
 
@@ -114,7 +135,9 @@ class GenerateArguments(AdapterArguments):
 
     prompt (`list[str]`): the prompts (`--prompt "..." --prompt "..."`), each one user turn of the chat template
         when the tokenizer has one.
-    max_new_tokens (`int`, defaults to `128`), temperature (`float`, defaults to `0.0`: greedy decoding; a positive
+    max_new_tokens (`int`, defaults to `128`), generation_max_length (`int`, *optional*: the total length, prompt
+        included, as `transformers`' `max_length`; replaces max_new_tokens; the seed recipe's `inference.max_length`),
+        temperature (`float`, defaults to `0.0`: greedy decoding; a positive
         value samples), top_p (`float`, defaults to `1.0`), seed (`int`, defaults to `42`, for sampling).
     output_file (`str`, *optional*): also write the completions as JSON (`[{"prompt", "alpha", "completion"}]`).
     trust_remote_code (`bool`, defaults to `False`): allow models whose code lives on the Hub.
@@ -125,6 +148,10 @@ class GenerateArguments(AdapterArguments):
         metadata={"help": "A prompt; repeat the flag for several.", "action": "extend"},
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate per completion."})
+    generation_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Total length, prompt included (transformers' max_length); replaces max_new_tokens."},
+    )
     temperature: float = field(default=0.0, metadata={"help": "0 decodes greedily; a positive value samples."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (with temperature > 0)."})
     seed: int = field(default=42, metadata={"help": "Random seed for sampling."})
@@ -153,9 +180,9 @@ class EvalArguments(AdapterArguments):
 
 
 COMMAND_DATACLASSES: dict[str, tuple[type, ...]] = {
-    "train": (IAVScriptArguments, IAVConfig, ModelConfig),
-    "generate": (GenerateArguments, ModelConfig),
-    "eval": (IAVScriptArguments, EvalArguments, IAVConfig, ModelConfig),
+    "train": (IAVScriptArguments, IAVConfig, IAVModelConfig),
+    "generate": (GenerateArguments, IAVModelConfig),
+    "eval": (IAVScriptArguments, EvalArguments, IAVConfig, IAVModelConfig),
 }
 
 # Flags that a recipe cannot set: `--prompt` extends a list, so a recipe's prompts could never be replaced.

@@ -68,7 +68,8 @@ def generate(gen_args: GenerateArguments, model_args: ModelConfig) -> list[dict[
     completions = IAVInference(loaded.model, loaded.tokenizer).generate(
         [prompt for prompt, _ in rows],
         alpha=[alpha for _, alpha in rows],
-        max_new_tokens=gen_args.max_new_tokens,
+        max_length=gen_args.generation_max_length,
+        max_new_tokens=None if gen_args.generation_max_length else gen_args.max_new_tokens,
         temperature=gen_args.temperature,
         **sampling,
     )

@@ -87,6 +87,22 @@ def model_init_kwargs(model_args: ModelConfig, quantization: BitsAndBytesConfig 
     return kwargs
 
 
+def check_model_sizes(model: PreTrainedModel, model_args: ModelConfig) -> None:
+    """
+    Refuse a loaded model whose vocabulary or hidden size differs from the one `model_args` states
+    (`IAVModelConfig.vocab_size` / `hidden_size`, the seed recipe's `model.vocab_size` / `model.hidden_size`).
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("vocab_size", "hidden_size"):
+        expected, actual = getattr(model_args, name, None), getattr(config, name, None)
+        if expected is not None and expected != actual:
+            raise ValueError(
+                f"The recipe states model.{name}: {expected}, but the loaded model {model_args.model_name_or_path!r} "
+                f"has {name} {actual} (its config). Set model.{name} to {actual}, drop it (the model's own size is "
+                "used), or load the model the recipe was written for."
+            )
+
+
 @dataclass
 class LoadedAdapter:
     """An adapter ready for inference, and where its parts came from."""
@@ -158,6 +174,7 @@ def load_adapter_for_inference(
         tokenizer.pad_token = tokenizer.eos_token
     # The base the adapter records must be the one it trained on; a base the user names is their choice (a warning).
     strict = model_args.model_name_or_path is None or is_tiny(model_args.model_name_or_path)
+    check_model_sizes(model, model_args)
     return LoadedAdapter(
         model=IAVModel.from_pretrained(model, directory, strict=strict).eval(),
         tokenizer=tokenizer,

@@ -9,16 +9,23 @@ variables).
 Nested (the IAV seed's): three sections whose keys are flattened into the top level, through the aliases below:
 
     section      holds the fields of                                    aliases
-    model:       trl.ModelConfig, the head shape (num_interventions,      name -> model_name_or_path,
-                 intervention_dim, head_dropout, freeze_backbone),        revision -> model_revision
-                 trust_remote_code, model_init_kwargs
-    training:    IAVScriptArguments (datasets) and IAVConfig              dataset -> dataset_name
-                 (every DPOConfig / TrainingArguments field)
-    inference:   GenerateArguments and EvalArguments (alphas,
-                 max_new_tokens, temperature, top_p, seed, adapter, ...)
+    model:       IAVModelConfig (trl.ModelConfig, and the base model's  name, base_model_name -> model_name_or_path,
+                 vocab_size and hidden_size, checked when it loads),    revision -> model_revision
+                 the head shape (num_interventions, intervention_dim,
+                 head_dropout, freeze_backbone), trust_remote_code,
+                 model_init_kwargs
+    training:    IAVScriptArguments (datasets) and IAVConfig              dataset -> dataset_name,
+                 (every DPOConfig / TrainingArguments field)             num_epochs -> num_train_epochs
+    inference:   GenerateArguments and EvalArguments (alphas,            default_alpha: a -> alphas: [a],
+                 max_new_tokens, temperature, top_p, seed, adapter, ...) max_length -> generation_max_length
 
-so `model: {name: X}` means `model_name_or_path: X`. A key that is not valid where it stands is an error that lists
-the valid keys; a key set twice (say `training.seed` and `inference.seed`) is an error too.
+so `model: {name: X}` means `model_name_or_path: X`. `inference.max_length` is the total generation length (prompt
+included, as `transformers`' `max_length`), not training's `max_length`, which truncates the pairs.
+
+`load_recipe` reads a recipe file before any setting is used, and stops with one `RecipeError` (which `iav-trl` prints
+without a traceback) naming the file and: the line and column of a YAML syntax error; the line of a key set twice in
+one mapping (YAML itself would keep the last value silently); every key that is not valid where it stands, at once,
+with the valid keys there; a key set twice across sections (say `training.seed` and `inference.seed`).
 
 Every command reads the whole recipe and takes the keys it knows: `train` skips `inference:`, `generate` skips the
 training fields. `generate` and `eval` take the recipe's `output_dir` (else `outputs/<model name>-IAV`, where
@@ -29,11 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
 from argparse import Namespace
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, get_type_hints
 
-from trl import ModelConfig, TrlParser
+import yaml
+from trl import TrlParser
 
 from .cli_args import (
     CLI_ONLY_FIELDS,
@@ -41,10 +51,15 @@ from .cli_args import (
     COMMAND_DEFAULTS,
     EvalArguments,
     GenerateArguments,
+    IAVModelConfig,
     IAVScriptArguments,
     default_output_dir,
 )
 from .iav_config import IAVConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or holds keys that are not valid: `iav-trl` prints it without a traceback."""
 
 
 def _names(*classes: type) -> frozenset[str]:
@@ -56,7 +71,7 @@ RECIPE_KEYS = frozenset().union(*(_names(*classes) for classes in COMMAND_DATACL
 
 # The nested layout: the flat keys each section may hold, and the section's own names for some of them.
 SECTION_KEYS: dict[str, frozenset[str]] = {
-    "model": _names(ModelConfig)
+    "model": _names(IAVModelConfig)
     | {
         "num_interventions",
         "intervention_dim",
@@ -69,16 +84,15 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
     "inference": _names(GenerateArguments, EvalArguments) - CLI_ONLY_FIELDS,
 }
 SECTION_ALIASES: dict[str, dict[str, str]] = {
-    "model": {"name": "model_name_or_path", "revision": "model_revision"},
-    "training": {"dataset": "dataset_name"},
-    "inference": {},
+    "model": {"name": "model_name_or_path", "base_model_name": "model_name_or_path", "revision": "model_revision"},
+    "training": {"dataset": "dataset_name", "num_epochs": "num_train_epochs"},
+    # The seed's inference.max_length is the total generation length; training's max_length truncates pairs.
+    "inference": {"default_alpha": "alphas", "max_length": "generation_max_length"},
 }
-
-
-def _unknown_key(where: str, valid: Collection[str], scope: str) -> ValueError:
-    close = difflib.get_close_matches(where.split(".")[-1], valid, n=3, cutoff=0.7)
-    hint = f" Did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
-    return ValueError(f"Unknown recipe key {where!r}.{hint} Valid keys {scope}: {', '.join(sorted(valid))}.")
+# Aliases whose value changes shape: the seed's one `default_alpha` is the one strength generate and eval use.
+SECTION_CONVERTERS: dict[tuple[str, str], Callable[[Any], Any]] = {
+    ("inference", "default_alpha"): lambda value: [value],
+}
 
 
 def flatten_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,32 +100,97 @@ def flatten_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     The flat `{field: value}` settings of a recipe in either layout (see the module docstring).
 
     Raises:
-        ValueError: for a key that is not valid where it stands (the message lists the valid ones), a section that
-            is not a mapping, or a key set twice.
+        RecipeError (a ValueError): listing, all at once, every key that is not valid where it stands (with the
+            valid keys of its place), section that is not a mapping, and key set twice.
     """
     flat: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    problems: list[str] = []
+    scopes: dict[str, Collection[str]] = {}  # where unknown keys stood -> the keys valid there
 
     def put(key: str, value: Any, where: str) -> None:
         if key in flat:
-            raise ValueError(f"The recipe sets {key!r} twice, as {origin[key]!r} and as {where!r}: keep one.")
-        flat[key], origin[key] = value, where
+            problems.append(f"The recipe sets {key!r} twice, as {origin[key]!r} and as {where!r}: keep one.")
+        else:
+            flat[key], origin[key] = value, where
+
+    def unknown(where: str, valid: Collection[str], scope: str) -> None:
+        close = difflib.get_close_matches(where.split(".")[-1], valid, n=3, cutoff=0.7)
+        hint = f" Did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+        problems.append(f"Unknown recipe key {where!r}.{hint}")
+        scopes[scope] = valid
 
     for key, value in recipe.items():
         if key in SECTION_KEYS:
             if not isinstance(value, Mapping):
-                raise ValueError(f"The recipe section {key!r} must be a mapping of settings, got {value!r}.")
+                problems.append(f"The recipe section {key!r} must be a mapping of settings, got {value!r}.")
+                continue
             aliases = SECTION_ALIASES[key]
             for name, setting in value.items():
                 flat_name = aliases.get(name, name)
                 if flat_name not in SECTION_KEYS[key]:
-                    raise _unknown_key(f"{key}.{name}", SECTION_KEYS[key] | aliases.keys(), f"in `{key}:`")
-                put(flat_name, setting, f"{key}.{name}")
+                    unknown(f"{key}.{name}", SECTION_KEYS[key] | aliases.keys(), f"in `{key}:`")
+                    continue
+                convert = SECTION_CONVERTERS.get((key, name))
+                put(flat_name, convert(setting) if convert else setting, f"{key}.{name}")
         elif key in RECIPE_KEYS:
             put(key, value, key)
         else:
-            raise _unknown_key(key, RECIPE_KEYS | SECTION_KEYS.keys(), "at the top level")
+            unknown(key, RECIPE_KEYS | SECTION_KEYS.keys(), "at the top level")
+    if problems:
+        valid = [f"Valid keys {scope}: {', '.join(sorted(keys))}." for scope, keys in scopes.items()]
+        raise RecipeError(" ".join([*problems, *valid]))
     return flat
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key set twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise RecipeError(
+                    f"{key_node.start_mark.name}, line {line}: the key {key!r} is set twice in one mapping (first "
+                    f"on line {seen[key]}); YAML would silently keep the last value. Keep one."
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """
+    Read and check a recipe file: YAML syntax (an error names the file, line and column), no key set twice in one
+    mapping, a mapping at the top, and only valid keys (`flatten_recipe`, every problem at once).
+
+    Raises:
+        RecipeError (a ValueError): naming the file and the problem.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            recipe = yaml.load(file, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+    except FileNotFoundError as err:
+        raise RecipeError(f"Recipe {path} not found: pass the path of a YAML recipe, e.g. recipes/*.yaml.") from err
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        what = "; ".join(part for part in (err.context, err.problem) if part)
+        raise RecipeError(
+            f"{where}: the recipe is not valid YAML ({what}). Check the indentation, the ': ' after each key and "
+            "the quotes around values with ':' or '#'."
+        ) from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: the recipe is not valid YAML ({err}).") from None
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of settings (`key: value` lines), got {recipe!r}.")
+    try:
+        flatten_recipe({key: value for key, value in recipe.items() if key != "env"})
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+    return recipe
 
 
 class RecipeParser(TrlParser):
@@ -131,6 +210,13 @@ class RecipeParser(TrlParser):
         for action in self._actions:
             if action.dest in optional_bools and action.nargs is None:
                 action.nargs, action.const = "?", True
+
+    def parse_args_and_config(self, args: Iterable[str] | None = None, *more: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """`TrlParser.parse_args_and_config`, with the recipe read and checked first by `load_recipe`."""
+        args = list(sys.argv[1:] if args is None else args)
+        if "--config" in args and args.index("--config") + 1 < len(args):
+            load_recipe(args[args.index("--config") + 1])
+        return super().parse_args_and_config(args, *more, **kwargs)
 
     def set_defaults_with_config(self, **config: Any) -> list[str]:
         flat = flatten_recipe(config)

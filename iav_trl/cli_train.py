@@ -11,7 +11,14 @@ from datasets import Dataset, DatasetDict
 from trl import ModelConfig, get_peft_config
 
 from .cli_args import IAVScriptArguments
-from .cli_models import TINY_BASE_DIR, build_tiny_base, is_tiny, model_init_kwargs, quantization_config
+from .cli_models import (
+    TINY_BASE_DIR,
+    build_tiny_base,
+    check_model_sizes,
+    is_tiny,
+    model_init_kwargs,
+    quantization_config,
+)
 from .data import build_dataset_mixture, load_preference_dataset
 from .iav_config import IAVConfig
 from .iav_trainer import IAVTrainer
@@ -77,6 +84,7 @@ def train(script_args: IAVScriptArguments, training_args: IAVConfig, model_args:
         quantization_config=quantization,
         peft_config=get_peft_config(model_args),
     )
+    check_model_sizes(trainer.model, model_args)  # the recipe's model.vocab_size / hidden_size, before training
     if script_args.ignore_bias_buffers:  # TRL's DDP workaround for boolean buffers
         trainer.model._ddp_params_and_buffers_to_ignore = [
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool

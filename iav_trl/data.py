@@ -103,6 +103,13 @@ _KNOWN_SCHEMAS = {
     "trl-lib/ultrafeedback_binarized": "trl",
 }
 
+# Short names (as the IAV seed's `train.sh <model> ultrafeedback <dir>` took them) -> Hub ids. A local file or
+# directory of the same name wins.
+DATASET_SHORT_NAMES = {
+    "hh-rlhf": "Anthropic/hh-rlhf",
+    "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
+}
+
 # H4's ultrafeedback has no "train"/"test" splits; its preference splits are "train_prefs"/"test_prefs".
 _SPLIT_ALIASES = {"HuggingFaceH4/ultrafeedback_binarized": {"train": "train_prefs", "test": "test_prefs"}}
 
@@ -120,7 +127,8 @@ _MIXTURE_ENTRY_KEYS = {"id", "config", "split", "columns", "weight", "schema"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
-_TEXT, _MESSAGES, _OTHER = "text", "messages", "other"
+# Column kinds (`column_kind`): strings, lists of {role, content} messages, anything else.
+TEXT, MESSAGES, OTHER = "text", "messages", "other"
 _MESSAGE_FEATURE = List({"role": Value("string"), "content": Value("string")})
 _REASON = "__malformed_reason__"
 _IN_MEMORY = "<in-memory dataset>"
@@ -150,24 +158,24 @@ def parse_hh_dialogue(text: str) -> list[Message] | None:
     return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(roles, contents)]
 
 
-def _column_kind(feature: Any) -> str:
+def column_kind(feature: Any) -> str:
     """Classify a column's feature as ``"text"`` (strings), ``"messages"`` ({role, content} lists) or ``"other"``."""
     if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
-        return _TEXT
+        return TEXT
     if isinstance(feature, (List, LargeList)) and isinstance(feature.feature, dict):
-        return _MESSAGES if {"role", "content"} <= feature.feature.keys() else _OTHER
-    return _OTHER
+        return MESSAGES if {"role", "content"} <= feature.feature.keys() else OTHER
+    return OTHER
 
 
 def _column_kinds(dataset: Dataset) -> dict[str, str]:
-    """Map each column of ``dataset`` to its kind (see `_column_kind`)."""
-    return {column: _column_kind(feature) for column, feature in dataset.features.items()}
+    """Map each column of ``dataset`` to its kind (see `column_kind`)."""
+    return {column: column_kind(feature) for column, feature in dataset.features.items()}
 
 
 def _completion_kind(kinds: Mapping[str, str]) -> str | None:
     """Return the kind shared by the ``chosen`` and ``rejected`` columns, or ``None`` if they lack one."""
     chosen = kinds.get("chosen")
-    return chosen if chosen in (_TEXT, _MESSAGES) and kinds.get("rejected") == chosen else None
+    return chosen if chosen in (TEXT, MESSAGES) and kinds.get("rejected") == chosen else None
 
 
 def _looks_like_hh(dataset: Dataset) -> bool:
@@ -205,9 +213,9 @@ def detect_schema(dataset: Dataset, name: str | None = None) -> str:
         return _KNOWN_SCHEMAS[name]
     kinds = _column_kinds(dataset)
     completion, prompt = _completion_kind(kinds), kinds.get("prompt")
-    if completion == _MESSAGES and prompt in (None, _TEXT, _MESSAGES):
-        return "ultrafeedback" if prompt == _TEXT else "trl"
-    if completion == _TEXT and prompt in (None, _TEXT):
+    if completion == MESSAGES and prompt in (None, TEXT, MESSAGES):
+        return "ultrafeedback" if prompt == TEXT else "trl"
+    if completion == TEXT and prompt in (None, TEXT):
         return "hh-rlhf" if prompt is None and _looks_like_hh(dataset) else "trl"
     raise _schema_error(dataset, name or _IN_MEMORY, "auto")
 
@@ -230,10 +238,10 @@ def _layout(dataset: Dataset, schema: str, name: str) -> _Layout:
     """Return how to read the rows of ``dataset`` under ``schema``, or raise if its columns do not fit."""
     kinds = _column_kinds(dataset)
     completion = _completion_kind(kinds)
-    if schema == "hh-rlhf" and completion == _TEXT:
-        return _Layout(_MESSAGES, "dialogue")
-    if schema == "ultrafeedback" and completion == _MESSAGES:
-        return _Layout(_MESSAGES, "implicit")
+    if schema == "hh-rlhf" and completion == TEXT:
+        return _Layout(MESSAGES, "dialogue")
+    if schema == "ultrafeedback" and completion == MESSAGES:
+        return _Layout(MESSAGES, "implicit")
     if schema == "trl" and completion is not None:
         # As trl.maybe_extract_prompt: a prompt column of another type than the completions is not the prompt.
         return _Layout(completion, "explicit" if kinds.get("prompt") == completion else "implicit")
@@ -273,7 +281,7 @@ def _read_dialogue(value: Any) -> list[Message]:
     return messages
 
 
-_READERS = {_TEXT: _read_text, _MESSAGES: _read_messages}
+_READERS = {TEXT: _read_text, MESSAGES: _read_messages}
 
 
 def _split_prompt(chosen: Sequence, rejected: Sequence) -> Row:
@@ -320,8 +328,30 @@ def _read_pair(row: Row, layout: _Layout) -> Row:
         pair = {"prompt": read(row["prompt"]), "chosen": chosen, "rejected": rejected}
     else:
         pair = _split_prompt(chosen, rejected)
-    (_check_messages if layout.kind == _MESSAGES else _check_text)(pair)
+    (_check_messages if layout.kind == MESSAGES else _check_text)(pair)
     return pair
+
+
+def row_problem(row: Mapping[str, Any], kind: str, explicit_prompt: bool) -> tuple[str, str | None] | None:
+    """
+    What is wrong with one TRL preference row (``prompt``, if ``explicit_prompt``, ``chosen`` and ``rejected``, all
+    of ``kind``, `TEXT` or `MESSAGES`), judged as `load_preference_dataset` judges rows: ``None`` for a usable pair,
+    else ``(reason, column)``, the reason a key of `MALFORMED_REASONS` and the column the unparseable value is in
+    (``None`` for the other reasons, which concern the pair).
+    """
+    read = _READERS[kind]
+    values = {}
+    for column in ("prompt", "chosen", "rejected") if explicit_prompt else ("chosen", "rejected"):
+        try:
+            values[column] = read(row[column])
+        except _MalformedRow as malformed:
+            return malformed.reason, column
+    pair = values if explicit_prompt else _split_prompt(values["chosen"], values["rejected"])
+    try:
+        (_check_messages if kind == MESSAGES else _check_text)(pair)
+    except _MalformedRow as malformed:
+        return malformed.reason, None
+    return None
 
 
 def _convert_row(row: Row, layout: _Layout) -> Row:
@@ -362,7 +392,7 @@ def _to_preference_format(dataset: Dataset, schema: str, name: str, num_proc: in
         raise ValueError(f"Unknown schema {schema!r}; pass 'auto' or one of {', '.join(SCHEMAS)}.")
     resolved = detect_schema(dataset, name) if schema == "auto" else schema
     layout = _layout(dataset, resolved, name)
-    column = _MESSAGE_FEATURE if layout.kind == _MESSAGES else Value("string")
+    column = _MESSAGE_FEATURE if layout.kind == MESSAGES else Value("string")
     converted = dataset.map(
         _convert_row,
         fn_kwargs={"layout": layout},
@@ -385,6 +415,15 @@ def _hub_split(name: str, split: str) -> str:
     return _SPLIT_ALIASES.get(name, {}).get(base, base) + bracket + rest
 
 
+def resolve_dataset_name(name_or_path: str | os.PathLike) -> str:
+    """The Hub id a short name stands for (`DATASET_SHORT_NAMES`: ``"hh-rlhf"``, ``"ultrafeedback"``), unless a local
+    file or directory has that name; any other name unchanged."""
+    path = os.fspath(name_or_path)
+    if path in DATASET_SHORT_NAMES and not os.path.exists(path):
+        return DATASET_SHORT_NAMES[path]
+    return path
+
+
 def _load_source(
     source: DataSource, split: str, config: str | None, data_files: Any, load_kwargs: Mapping[str, Any]
 ) -> Dataset:
@@ -395,7 +434,7 @@ def _load_source(
         if split not in source:
             raise ValueError(f"The DatasetDict has no split {split!r}; its splits are {', '.join(source)}.")
         return source[split]
-    path = os.fspath(source)
+    path = resolve_dataset_name(source)
     builder = _data_file_builder(path)
     if os.path.isfile(path):
         if builder is None:
@@ -410,7 +449,7 @@ def _load_source(
 
 def _source_name(source: DataSource) -> str:
     """Name ``source`` in messages and for known-name schema detection."""
-    return _IN_MEMORY if isinstance(source, (Dataset, DatasetDict)) else os.fspath(source)
+    return _IN_MEMORY if isinstance(source, (Dataset, DatasetDict)) else resolve_dataset_name(source)
 
 
 def load_preference_dataset(
@@ -427,7 +466,9 @@ def load_preference_dataset(
 
     Args:
         name_or_path: What to read. An existing file ending in ``.json``, ``.jsonl``, ``.json.gz``, ``.jsonl.gz`` or
-            ``.parquet`` is read whole, as one split (``split`` is not used). A directory or a Hub id goes to
+            ``.parquet`` is read whole, as one split (``split`` is not used). The short names ``"hh-rlhf"`` and
+            ``"ultrafeedback"`` mean ``Anthropic/hh-rlhf`` and ``HuggingFaceH4/ultrafeedback_binarized``
+            (`DATASET_SHORT_NAMES`) unless a local path has that name. A directory or a Hub id goes to
             ``datasets.load_dataset(name_or_path, config, split=split, data_files=data_files)``, which names a
             directory's splits after its files (``train.jsonl``, ``test.jsonl``) and reads a Hub id from the local
             cache when offline. A `datasets.Dataset` is used as is, a `datasets.DatasetDict` by ``split`` (for a
@@ -537,7 +578,7 @@ def build_dataset_mixture(
         _check_entry(entry)
     seed = settings.get("seed", 0) if seed is None else seed
     parts = [_load_mixture_entry(entry, split, seed, num_proc) for entry in entries]
-    kinds = {_source_name(entry["id"]): _column_kind(part.features["chosen"]) for entry, part in zip(entries, parts)}
+    kinds = {_source_name(entry["id"]): column_kind(part.features["chosen"]) for entry, part in zip(entries, parts)}
     if len(set(kinds.values())) > 1:
         raise ValueError(
             f"The mixture combines conversational and standard (string) datasets: {kinds}. TRL trains on one format; "

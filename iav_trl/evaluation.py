@@ -5,7 +5,7 @@
     efficiency = evaluator.evaluate_efficiency(prompts)
     vectors = evaluator.analyze_alignment_vectors(prompts)
     control = evaluator.evaluate_controllability(prompts, reward_fn=my_reward)  # or refusal_fn=...
-    evaluator.save_results("results.json"); evaluator.plot_results(out_dir="plots")
+    evaluator.save_results("results.json"); evaluator.plot_results(out_dir="plots")  # default: iav_eval_results.json
     evaluator.export_alpaca_eval("model_outputs.json", alpha=1.0)
 
 Every method returns plain dicts (lists of floats, one entry per alpha), keeps them in `evaluator.results`, logs a
@@ -80,6 +80,9 @@ from .io import atomic_write_text
 from .model import IAVModel
 
 logger = logging.getLogger(__name__)
+
+# Where `IAVEvaluator.save_results()` writes when given no path: this name, in the working directory.
+DEFAULT_RESULTS_FILE = "iav_eval_results.json"
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -222,6 +225,17 @@ class IAVEvaluator:
                     rollouts.length[alpha][i].append(terms["length"][k].item())
         return rollouts
 
+    @staticmethod
+    def _check_scorer(reward_fn: Any, reward_model: Any, fn_name: str = "reward_fn") -> None:
+        """Refuse, before any generation, a scorer that `_score` could not use."""
+        if (reward_fn is None) == (reward_model is None):
+            raise ValueError("Pass exactly one of `reward_fn` (a callable) or `reward_model` (a sequence classifier).")
+        if reward_fn is not None and not callable(reward_fn):
+            raise TypeError(
+                f"`{fn_name}` must be callable as {fn_name}(prompts=..., completions=...) -> list[float], got "
+                f"{reward_fn!r}."
+            )
+
     def _score(
         self,
         prompts: Sequence[Prompt],
@@ -230,14 +244,12 @@ class IAVEvaluator:
         reward_model: PreTrainedModel | None,
         reward_tokenizer: PreTrainedTokenizerBase | None,
         desc: str = "scoring",
+        fn_name: str = "reward_fn",
     ) -> dict[float, list[list[float]]]:
-        """Rewards in the layout of `texts` (`[alpha][prompt][sample]`), in batches of `reward_batch_size`."""
-        if (reward_fn is None) == (reward_model is None):
-            raise ValueError("Pass exactly one of `reward_fn` (a callable) or `reward_model` (a sequence classifier).")
-        if reward_fn is not None and not callable(reward_fn):
-            raise TypeError(
-                f"`reward_fn` must be callable as reward_fn(prompts=..., completions=...), got {reward_fn!r}."
-            )
+        """Rewards in the layout of `texts` (`[alpha][prompt][sample]`), in batches of `reward_batch_size`;
+        `fn_name` is the argument `reward_fn` came in as (`"refusal_fn"` for a refusal classifier), for messages."""
+        self._check_scorer(reward_fn, reward_model, fn_name)
+        source = f"`{fn_name}`" if reward_fn is not None else "The reward model"
         flat = [(alpha, i, j) for alpha in texts for i in range(len(prompts)) for j in range(len(texts[alpha][i]))]
         scores: list[float] = []
         size = self.config.reward_batch_size
@@ -252,10 +264,16 @@ class IAVEvaluator:
                     reward_model, reward_tokenizer or self.tokenizer, batch_prompts, completions
                 )
             if len(values) != len(batch):
-                raise ValueError(f"The reward function returned {len(values)} scores for {len(batch)} completions.")
-            values = [float(v) for v in values]
+                raise ValueError(
+                    f"{source} returned {len(values)} scores for {len(batch)} completions: it must return one per "
+                    "completion, in order."
+                )
+            try:
+                values = [float(v) for v in values]
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{source} must return numbers (or booleans), got {values!r}.") from err
             if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"The reward function returned non-finite scores: {values}.")
+                raise ValueError(f"{source} returned non-finite scores: {values}; return finite numbers.")
             scores.extend(values)
         rewards = {alpha: [[] for _ in prompts] for alpha in texts}
         for (alpha, i, _), value in zip(flat, scores):
@@ -331,6 +349,7 @@ class IAVEvaluator:
         "mean_length", "num_prompts", "num_samples"}`, each metric a list aligned with `alphas`.
         """
         prompts, _ = as_prompt_list(prompts)
+        self._check_scorer(reward_fn, reward_model)
         alphas = self._alphas
         rollouts = self._rollouts(prompts, alphas, score_kl=True)
         rewards = self._score(prompts, rollouts.texts, reward_fn, reward_model, reward_tokenizer)
@@ -383,11 +402,22 @@ class IAVEvaluator:
                 f"evaluate_controllability correlates the metric with alpha, so it needs two alphas or more; got "
                 f"{alphas}. Set `EvaluationConfig(alphas=[...])`."
             )
-        rollouts = self._rollouts(prompts, alphas, score_kl=False)
         if refusal_fn is not None:
             if reward_fn is not None or reward_model is not None:
                 raise ValueError("Pass either `refusal_fn` or a reward (`reward_fn` / `reward_model`), not both.")
-            scores = self._score(prompts, rollouts.texts, refusal_fn, None, None, desc="classifying")
+            self._check_scorer(refusal_fn, None, "refusal_fn")
+        elif reward_fn is None and reward_model is None:
+            raise ValueError(
+                "evaluate_controllability needs what to measure: `refusal_fn(prompts=..., completions=...)` (1 = "
+                "refusal) on safety prompts, or a reward: `reward_fn` (a callable) or `reward_model`."
+            )
+        else:
+            self._check_scorer(reward_fn, reward_model)
+        rollouts = self._rollouts(prompts, alphas, score_kl=False)
+        if refusal_fn is not None:
+            scores = self._score(
+                prompts, rollouts.texts, refusal_fn, None, None, desc="classifying", fn_name="refusal_fn"
+            )
             metric = "refusal_rate"
         else:
             scores = self._score(prompts, rollouts.texts, reward_fn, reward_model, reward_tokenizer)
@@ -633,8 +663,9 @@ class IAVEvaluator:
 
     # -- output -------------------------------------------------------------------------------------------------------
 
-    def save_results(self, path: str | os.PathLike) -> str:
-        """Write `results` (and the config) as JSON (NaN as null); returns the path."""
+    def save_results(self, path: str | os.PathLike = DEFAULT_RESULTS_FILE) -> str:
+        """Write `results` (and the config) as JSON (NaN as null) to `path`, by default `iav_eval_results.json` in
+        the working directory (`DEFAULT_RESULTS_FILE`); returns the path."""
         if not self.results:
             raise ValueError("Nothing to save yet: run an evaluation (e.g. `evaluate_performance`) first.")
         directory = os.path.dirname(os.path.abspath(path))

@@ -26,7 +26,13 @@ from .callbacks import NonFiniteGuard
 from .config import AlignmentHeadConfig
 from .fingerprint import weights_fingerprint
 from .iav_config import IAVConfig
-from .input_checks import check_not_emptied, check_pad_token, check_preference_datasets, named_datasets
+from .input_checks import (
+    check_not_emptied,
+    check_pad_token,
+    check_preference_datasets,
+    check_preference_rows,
+    named_datasets,
+)
 from .io import atomic_write, atomic_write_text, checkpoint_problem, last_complete_checkpoint
 from .model import IAVModel, _is_peft
 from .model_card import build_model_card
@@ -142,6 +148,7 @@ class IAVTrainer(DPOTrainer):
         self._iav = SimpleNamespace(**{name: getattr(args, name, default) for name, default in _IAV_DEFAULTS.items()})
         named = named_datasets(train_dataset, eval_dataset)
         check_preference_datasets(named)
+        check_preference_rows(named)  # None, numbers, empty or identical completions: before any model is loaded
         check_pad_token(processing_class, args)
         sizes = {name: len(dataset) for name, dataset in named.items() if isinstance(dataset, Dataset)}
         if isinstance(model, str):

@@ -2,6 +2,7 @@
 
     helper = IAVInference(model, tokenizer)                     # model: an IAVModel
     helper.generate("How do I bake bread?", alpha=1.0)          # -> str (a list of prompts -> list[str])
+    helper.generate(prompt="How do I bake bread?", alpha=1.5, max_length=128, temperature=0.7)  # the seed's call
     helper.compare_alphas("How do I bake bread?")               # -> {0.0: ..., 0.5: ..., 1.0: ..., 1.5: ...}
     helper.analyze_alignment_effect("How do I bake bread?", alpha=1.0)
 
@@ -189,24 +190,35 @@ class IAVInference:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: Prompt | Sequence[Prompt] | None = None,
         alpha: Any = None,
         max_length: int | None = None,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
+        *,
+        prompt: Prompt | Sequence[Prompt] | None = None,
         **generate_kwargs: Any,
     ) -> str | list[str]:
         """
         Responses to one prompt (-> `str`) or a list of prompts (-> `list[str]`, one batched `generate`).
 
         Args:
+            prompts (or the keyword `prompt`, as the IAV seed wrote `generate(prompt=..., alpha=1.5)`): a prompt or a
+                list of prompts.
             alpha: a float, one float per prompt, or `{adapter: value}` (see `iav_trl.alpha`); `None` is
                 `default_alpha`.
-            max_length / max_new_tokens: as in `transformers`' `generate` (`max_new_tokens=128` if neither is given).
+            max_length / max_new_tokens: as in `transformers`' `generate`: `max_length` is the total length, prompt
+                tokens included (of the left-padded batch), `max_new_tokens` the generated tokens alone
+                (`max_new_tokens=128` if neither is given).
             temperature: 0 decodes greedily; a positive value samples at that temperature.
             generate_kwargs: any other `generate` keyword (`top_p`, `repetition_penalty`, `stopping_criteria`, ...).
         """
-        prompt_list, single = as_prompt_list(prompts)
+        if (prompts is None) == (prompt is None):
+            raise TypeError(
+                'Pass the prompt(s) once: positionally, `generate("Hi")`, or as `generate(prompt="Hi")`'
+                + (", not both." if prompt is not None else ".")
+            )
+        prompt_list, single = as_prompt_list(prompt if prompts is None else prompts)
         _, completion, mask = self._generate_ids(
             prompt_list, alpha, max_length, max_new_tokens, temperature, **generate_kwargs
         )

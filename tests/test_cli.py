@@ -1,5 +1,6 @@
 """The `iav-trl` command line: real commands in subprocesses on tiny models (offline), and its flags and defaults."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -295,3 +296,66 @@ def test_adapter_with_a_trained_backbone_loads_it_and_keeps_the_base_for_referen
             assert torch.equal(loaded.load_base_model()(input_ids).logits, base_logits)
         else:
             assert isinstance(loaded.model.base_model, PeftModel) and not loaded.trained_backbone
+
+
+def test_a_broken_recipe_stops_the_command_with_file_line_and_column_and_no_traceback(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  name: org/m\n training:\n  beta: 0.1\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "iav_trl", "train", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2
+    assert f"{path}, line 3, column 2: the recipe is not valid YAML" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_recipe_model_sizes_that_differ_from_the_loaded_model_stop_train_before_training(tmp_path, monkeypatch):
+    recipe = {
+        "model": {"base_model_name": "tiny:llama", "vocab_size": 2048, "hidden_size": 64},  # tiny:llama has 128
+        "training": {
+            "dataset_mixture": {"datasets": [{"id": FIXTURE}]},
+            "output_dir": str(tmp_path / "out"),
+            "eval_strategy": "no",
+            "report_to": "none",
+            "max_length": 128,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(IAVTrainer, "train", lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.chdir(ROOT)
+    expected = r"model.hidden_size: 64, but the loaded model 'tiny:llama' has hidden_size 128"
+    with pytest.raises(ValueError, match=expected):
+        main(["train", "--config", str(path)])
+
+
+def test_the_seed_recipes_inference_max_length_reaches_generate_as_the_total_length(tmp_path, monkeypatch):
+    import iav_trl.cli_inference as cli_inference
+
+    calls = []
+
+    class RecordingInference:
+        def __init__(self, model, tokenizer):
+            pass
+
+        def generate(self, prompts, **kwargs):
+            calls.append(kwargs)
+            return ["ok"] * len(prompts)
+
+    monkeypatch.setattr(
+        cli_inference, "load_adapter_for_inference", lambda *args: argparse.Namespace(model=None, tokenizer=None)
+    )
+    monkeypatch.setattr(cli_inference, "IAVInference", RecordingInference)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"inference": {"default_alpha": 1.5, "max_length": 96}, "output_dir": "out"}))
+    cli_inference.generate(*parse_command_args("generate", ["--config", str(path), "--prompt", "Hi"]))
+    assert calls[0]["alpha"] == [1.5]
+    assert (calls[0]["max_length"], calls[0]["max_new_tokens"]) == (96, None)
+    cli_inference.generate(*parse_command_args("generate", ["--adapter", "out", "--prompt", "Hi"]))
+    assert (calls[1]["max_length"], calls[1]["max_new_tokens"]) == (None, 128)

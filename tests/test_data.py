@@ -20,6 +20,7 @@ from iav_trl.data import (
     detect_schema,
     load_preference_dataset,
     parse_hh_dialogue,
+    resolve_dataset_name,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -461,6 +462,27 @@ def test_hub_ids_go_to_load_dataset_with_known_split_alias_and_schema(monkeypatc
         ("HuggingFaceH4/ultrafeedback_binarized", None, {"split": "train_prefs[:10%]", "data_files": None}),
         ("Anthropic/hh-rlhf", "default", {"split": "test", "data_files": None, "data_dir": "harmless-base"}),
     ]
+
+
+def test_seed_short_names_hh_rlhf_and_ultrafeedback_load_their_hub_datasets(monkeypatch, uf_raw, uf_pairs):
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, kwargs["split"]))
+        return Dataset.from_list([VALID_HH]) if path == "Anthropic/hh-rlhf" else uf_raw
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_preference_dataset("ultrafeedback", "test").to_list() == uf_pairs.to_list()
+    assert load_preference_dataset("hh-rlhf", "train").to_list()[0]["prompt"][0]["role"] == "user"  # parsed dialogue
+    assert calls == [("HuggingFaceH4/ultrafeedback_binarized", "test_prefs"), ("Anthropic/hh-rlhf", "train")]
+
+
+def test_a_local_directory_named_like_a_short_name_is_read_instead_of_the_hub(monkeypatch, tmp_path):
+    (tmp_path / "hh-rlhf").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_dataset_name("hh-rlhf") == "hh-rlhf"
+    assert resolve_dataset_name("ultrafeedback") == "HuggingFaceH4/ultrafeedback_binarized"
+    assert resolve_dataset_name("org/other") == "org/other"
 
 
 @pytest.mark.parametrize(

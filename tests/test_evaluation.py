@@ -14,6 +14,7 @@ from reference import randomize_heads
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from iav_trl import AlignmentHeadConfig, EvaluationConfig, IAVEvaluator, IAVInference, get_iav_model
+from iav_trl.evaluation import DEFAULT_RESULTS_FILE
 from iav_trl.evaluation_metrics import score_sequence_kl, spearman_correlation, win_rate
 from iav_trl.tiny import tiny_causal_lm
 
@@ -352,6 +353,16 @@ def test_save_results_round_trips_through_json(evaluated, tmp_path):
         assert loaded[section] == expected
 
 
+def test_save_results_without_a_path_writes_the_documented_default_file(tokenizer, tmp_path, monkeypatch):
+    evaluator = IAVEvaluator(tiny_iav(), tokenizer, small_config(alphas=[0.0, 1.0], num_samples=1, max_new_tokens=2))
+    evaluator.evaluate_performance(PROMPTS[:1], reward_fn=length_reward)
+    monkeypatch.chdir(tmp_path)
+    path = evaluator.save_results()
+    assert path == DEFAULT_RESULTS_FILE == "iav_eval_results.json"
+    with open(tmp_path / DEFAULT_RESULTS_FILE) as fh:
+        assert json.load(fh)["performance"]["alphas"] == [0.0, 1.0]
+
+
 def test_plot_results_writes_pngs_that_open_at_the_expected_size(evaluated, tmp_path):
     image = pytest.importorskip("matplotlib.image")
     paths = evaluated.plot_results(out_dir=tmp_path / "plots")
@@ -403,6 +414,19 @@ def test_bad_settings_and_inputs_are_refused(tokenizer):
         evaluator.evaluate_performance(PROMPTS[:2], reward_fn=lambda prompts, completions: [0.0])
     with pytest.raises(ValueError, match="Nothing to save"):
         evaluator.save_results("unused.json")
+
+
+def test_refusal_fn_errors_name_refusal_fn_and_a_missing_scorer_fails_before_generating(tokenizer, monkeypatch):
+    evaluator = IAVEvaluator(tiny_iav(), tokenizer, small_config(num_samples=1, max_new_tokens=2))
+    with pytest.raises(ValueError, match="`refusal_fn` returned 1 scores"):
+        evaluator.evaluate_controllability(PROMPTS[:2], refusal_fn=lambda prompts, completions: [True])
+    monkeypatch.setattr(evaluator, "_rollouts", lambda *args, **kwargs: pytest.fail("generated before the check"))
+    with pytest.raises(TypeError, match=r"`refusal_fn` must be callable as refusal_fn\(prompts=..., completions="):
+        evaluator.evaluate_controllability(PROMPTS[:2], refusal_fn="a classifier")
+    with pytest.raises(ValueError, match=r"needs what to measure: `refusal_fn\(.*or a reward: `reward_fn`"):
+        evaluator.evaluate_controllability(PROMPTS[:2])
+    with pytest.raises(TypeError, match="`reward_fn` must be callable"):
+        evaluator.evaluate_performance(PROMPTS[:2], reward_fn=3.0)
 
 
 # -- the example ------------------------------------------------------------------------------------------------------

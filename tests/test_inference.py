@@ -136,3 +136,33 @@ def test_bad_inputs_are_refused(iav_model, tokenizer):
         helper.compare_alphas("hi", alphas=[1.0, 1.0])
     with pytest.raises(ValueError, match="prompt"):
         helper.generate([])
+
+
+def test_the_seeds_generate_call_samples_within_max_length_total_tokens(iav_model, tokenizer, monkeypatch):
+    helper = IAVInference(iav_model, tokenizer)
+    prompt_length = chat_inputs(tokenizer, PROMPTS[0])["input_ids"].shape[1]
+    lengths = []
+    original = type(iav_model).generate
+
+    def recording_generate(self, *args, **kwargs):
+        sequences = original(self, *args, **kwargs)
+        lengths.append(sequences.shape[1])
+        return sequences
+
+    monkeypatch.setattr(type(iav_model), "generate", recording_generate)
+    max_length = prompt_length + 12  # prompt tokens count towards max_length, as in transformers
+    samples = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        samples.append(helper.generate(prompt=PROMPTS[0], alpha=1.5, max_length=max_length, temperature=0.7))
+    assert all(isinstance(sample, str) for sample in samples)
+    assert all(prompt_length < length <= max_length for length in lengths)
+    assert samples[0] == samples[1] != samples[2]  # sampled: the seed decides
+
+
+def test_prompt_given_both_ways_or_not_at_all_is_refused(iav_model, tokenizer):
+    helper = IAVInference(iav_model, tokenizer)
+    with pytest.raises(TypeError, match="not both"):
+        helper.generate("hi", prompt="hi")
+    with pytest.raises(TypeError, match="Pass the prompt"):
+        helper.generate(alpha=1.0)

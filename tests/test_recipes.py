@@ -155,3 +155,66 @@ def test_unknown_key_in_a_recipe_file_stops_every_command(tmp_path):
     for command in ("train", "generate", "eval"):
         with pytest.raises(ValueError, match="Did you mean 'lambda_kl'"):
             parse_command_args(command, ["--config", str(path)])
+
+
+# The IAV seed document's recipe, verbatim in its keys.
+SEED_DOCUMENT_YAML = """\
+model:
+  base_model_name: argsearch/llama-7b-sft-float32
+  vocab_size: 32000
+  hidden_size: 4096
+  num_interventions: 8
+  intervention_dim: 256
+training:
+  dataset: Anthropic/hh-rlhf
+  num_epochs: 2
+  learning_rate: 5.0e-5
+  max_length: 1024
+  output_dir: out/seed
+inference:
+  default_alpha: 1.5
+  max_length: 96
+"""
+
+
+def test_the_seed_documents_recipe_keys_parse_into_the_fields_train_generate_and_eval_use(tmp_path):
+    path = tmp_path / "seed.yaml"
+    path.write_text(SEED_DOCUMENT_YAML)
+    _, training_args, model_args = parse_command_args("train", ["--config", str(path)])
+    assert (model_args.model_name_or_path, model_args.vocab_size, model_args.hidden_size) == (
+        "argsearch/llama-7b-sft-float32",
+        32000,
+        4096,
+    )
+    assert (training_args.num_train_epochs, training_args.max_length) == (2, 1024)  # training's max_length untouched
+    gen_args, _ = parse_command_args("generate", ["--config", str(path), "--prompt", "Hi"])
+    assert (gen_args.alphas, gen_args.generation_max_length) == ([1.5], 96)
+    _, eval_args, eval_training_args, _ = parse_command_args("eval", ["--config", str(path)])
+    assert (eval_args.alphas, eval_training_args.max_length) == ([1.5], 1024)
+
+
+def test_every_unknown_recipe_key_is_reported_at_once_with_the_valid_keys():
+    recipe = {"lerning_rate": 1e-4, "training": {"num_epoch": 3, "beta": 0.1}, "model": {"nmae": "org/m"}}
+    with pytest.raises(ValueError) as raised:
+        flatten_recipe(recipe)
+    message = str(raised.value)
+    for key in ("'lerning_rate'", "'training.num_epoch'", "'model.nmae'"):
+        assert f"Unknown recipe key {key}" in message
+    assert "Did you mean 'num_epochs'" in message and "Did you mean 'name'" in message
+    for scope in ("at the top level", "in `training:`", "in `model:`"):
+        assert message.count(f"Valid keys {scope}:") == 1
+
+
+def test_a_key_set_twice_in_one_yaml_mapping_is_an_error_naming_the_key_and_its_lines(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("training:\n  learning_rate: 1.0e-4\n  beta: 0.1\n  learning_rate: 5.0e-5\n")
+    expected = r"recipe.yaml, line 4: the key 'learning_rate' is set twice.*first on line 2"
+    with pytest.raises(ValueError, match=expected):
+        parse_command_args("train", ["--config", str(path)])
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  name: org/m\n training:\n  beta: 0.1\n")  # line 3 is indented by one space
+    with pytest.raises(ValueError, match=r"recipe.yaml, line 3, column 2: the recipe is not valid YAML"):
+        parse_command_args("train", ["--config", str(path)])

@@ -78,6 +78,72 @@ def test_empty_dataset_fails_naming_it(tokenizer, tmp_path):
         make_trainer(tmp_path, tokenizer, train_dataset=empty)
 
 
+def conversation(*turns: tuple[str, str | None]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+GOOD_STANDARD = {"prompt": "How do I bake bread?", "chosen": " Mix flour and water.", "rejected": " I cannot help."}
+GOOD_CHAT = {
+    "prompt": conversation(("user", "How do I bake bread?")),
+    "chosen": conversation(("assistant", "Mix flour and water.")),
+    "rejected": conversation(("assistant", "I cannot help.")),
+}
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([GOOD_STANDARD, {**GOOD_STANDARD, "chosen": None}], r"`train_dataset` row 1, column `chosen`: None is not"),
+        ([{**GOOD_STANDARD, "rejected": 3}] * 2, r"`train_dataset` column `rejected` holds Value\('int64'\) values"),
+        ([{**GOOD_STANDARD, "chosen": [" Mix", " flour"]}] * 2, r"`train_dataset` column `chosen` holds List\(Value"),
+        (
+            [GOOD_CHAT, {**GOOD_CHAT, "rejected": conversation(("assistant", None))}],
+            r"`train_dataset` row 1, column `rejected`: .* is not a list of \{'role': str, 'content': str\} messages",
+        ),
+        ([{**GOOD_CHAT, "prompt": "How do I bake bread?"}] * 2, r"column `prompt` holds Value\('string'\) values"),
+    ],
+    ids=["none", "numbers", "list-for-string", "chat-content-none", "string-prompt-chat-completions"],
+)
+def test_rows_of_the_wrong_type_fail_before_the_model_is_loaded_naming_column_row_and_fix(
+    tokenizer, tmp_path, rows, message
+):
+    with pytest.raises(ValueError, match=message) as error:
+        IAVTrainer(
+            "no/such-model",
+            args=IAVConfig(str(tmp_path), bf16=False),
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list(rows),
+        )
+    assert "load_preference_dataset" in str(error.value)
+
+
+def test_rows_of_the_eval_dataset_are_checked_too(tokenizer, tmp_path):
+    bad = Dataset.from_list([GOOD_STANDARD, GOOD_STANDARD, {**GOOD_STANDARD, "prompt": None}])
+    with pytest.raises(ValueError, match=r"`eval_dataset\['held_out'\]` row 2, column `prompt`: None"):
+        IAVTrainer(
+            "no/such-model",
+            args=IAVConfig(str(tmp_path), bf16=False),
+            processing_class=tokenizer,
+            train_dataset=preference_data(2),
+            eval_dataset={"held_out": bad},
+        )
+
+
+@pytest.mark.parametrize("good", [GOOD_STANDARD, GOOD_CHAT], ids=["standard", "conversational"])
+def test_pairs_without_signal_are_counted_in_a_warning_and_a_dataset_of_only_those_fails(
+    good, tokenizer, tmp_path, caplog
+):
+    empty = conversation(("assistant", "  ")) if isinstance(good["chosen"], list) else "  "
+    identical = {**good, "rejected": good["chosen"]}
+    rows = [good, {**good, "chosen": empty}, identical, good, identical]
+    with caplog.at_level("WARNING"):
+        make_trainer(tmp_path, tokenizer, train_dataset=Dataset.from_list(rows))
+    assert "3 of 5 rows of `train_dataset` carry no usable preference signal" in caplog.text
+    assert "empty_completion=1 (row 1), identical=2 (rows 2, 4)" in caplog.text
+    with pytest.raises(ValueError, match=r"`train_dataset` has no usable preference pair: all 2 rows are malformed"):
+        make_trainer(tmp_path, tokenizer, train_dataset=Dataset.from_list(rows[1:3]))
+
+
 def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tokenizer, tmp_path, caplog):
     no_pad = copy.deepcopy(tokenizer)
     no_pad.pad_token = None
