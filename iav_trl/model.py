@@ -401,6 +401,8 @@ class IAVModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trainable):
             backbone_outputs = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             hidden = backbone_outputs.last_hidden_state
+            if self.readout.input_scale != 1.0:  # what the LM head receives (MiniCPM3 scales it, see `readout`)
+                hidden = hidden * self.readout.input_scale
         aux_loss = None
         if kwargs.pop("output_router_logits", False):
             aux_loss = _load_balancing_loss(causal_lm, backbone_outputs.router_logits, attention_mask)
@@ -409,7 +411,7 @@ class IAVModel(nn.Module):
             # The reference is the untouched base model: PEFT adapters off, no alignment.
             with torch.no_grad(), self.base_model.disable_adapter():
                 ref_hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                ref_hidden = ref_hidden.last_hidden_state[:, :-1]
+                ref_hidden = ref_hidden.last_hidden_state[:, :-1] * self.readout.input_scale
         labels = labels[:, 1:].to(hidden.device)
         mask = labels != -100
         scored = hidden[:, :-1][mask]  # (N, d)

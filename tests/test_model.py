@@ -324,3 +324,66 @@ def test_push_to_hub_uploads_the_saved_adapter(monkeypatch, input_ids):
     assert torch.equal(calls["weights"]["read.weight"], model.alignment_heads["default"].read.weight)
     with pytest.raises(Exception, match="repo"):
         model.push_to_hub("../../etc/passwd")
+
+
+# Families whose logit readout has a constant factor, each built tiny from its own transformers config, with the
+# factor the model's own forward applies written out here: `(config overrides, factor on W_U x, where)`. Granite
+# divides the logits by `logits_scaling`, HyperCLOVA X multiplies them by it, Cohere by `logit_scale`, Falcon-H1 by
+# `lm_head_multiplier`; MiniCPM3 divides the hidden state by `logits_scaling = hidden_size / dim_model_base` before
+# the LM head (so the head sees, and offsets, that scaled hidden state).
+SCALED_FAMILIES = {
+    "granite": (dict(logits_scaling=4.0, num_key_value_heads=2), 0.25),
+    "granitemoe": (dict(logits_scaling=4.0, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), 0.25),
+    "hyperclovax": (dict(logits_scaling=4.0, num_key_value_heads=2), 4.0),
+    "cohere": (dict(logit_scale=0.5), 0.5),
+    "cohere2": (dict(logit_scale=0.5, num_key_value_heads=2), 0.5),
+    "falcon_h1": (dict(lm_head_multiplier=0.3, num_key_value_heads=2), 0.3),
+    "minicpm3": (dict(dim_model_base=8, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4), 1.0),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SCALED_FAMILIES))
+def test_scaled_readout_families_follow_the_models_own_logits_in_forward_and_fused_statistics(family):
+    from transformers import AutoConfig
+
+    overrides, factor = SCALED_FAMILIES[family]
+    config = AutoConfig.for_model(
+        family,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    lm_head_inputs = []
+    hook = base.get_output_embeddings().register_forward_pre_hook(lambda m, args: lm_head_inputs.append(args[0]))
+    with torch.no_grad():
+        expected = base(input_ids).logits
+    hook.remove()
+    weight = base.get_output_embeddings().weight
+    labels = input_ids[:, 1:].unsqueeze(-1)
+
+    model = get_iav_model(base, SMALL_HEAD)
+    randomize_heads(model, std=0.2)
+    with torch.no_grad():
+        a_t = reference_alignment(model.alignment_heads["default"], lm_head_inputs[0], weight, factor)
+        for alpha in (0.0, 1.0):
+            logits = model(input_ids, alpha=alpha).logits
+            torch.testing.assert_close(logits, expected + alpha * a_t, rtol=1e-4, atol=1e-5)
+            decomposed = model(input_ids, alpha=alpha, return_alignment=True)
+            torch.testing.assert_close(decomposed.base_logits, expected, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(decomposed.alignment_logits, alpha * a_t, rtol=1e-4, atol=1e-5)
+            fused = model(input_ids, labels=input_ids, alpha=alpha, fused_lm_head=True)
+            log_probs = (expected + alpha * a_t)[:, :-1].log_softmax(-1).gather(-1, labels).squeeze(-1)
+            ref_log_probs = expected[:, :-1].log_softmax(-1).gather(-1, labels).squeeze(-1)
+            torch.testing.assert_close(fused.log_probs, log_probs, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(fused.ref_log_probs, ref_log_probs, rtol=1e-4, atol=1e-5)
+        assert a_t.abs().max() > 1e-3  # the alignment is not trivially zero
