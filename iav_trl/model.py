@@ -420,9 +420,9 @@ class IAVModel(nn.Module):
             token_strengths = {
                 name: s[rows.to(s.device)] if isinstance(s, torch.Tensor) else s for name, s in strengths.items()
             }
-            delta = self._offset(scored, token_strengths)
+            delta = self._offset(scored.float(), token_strengths)  # kept in float32, as the statistics are
         else:
-            delta = torch.zeros_like(scored)
+            delta = torch.zeros_like(scored, dtype=torch.float32)
         lm_head = self.output_embeddings
         stats = fused_token_stats(
             self.readout,
