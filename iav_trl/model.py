@@ -11,6 +11,13 @@ The base model is left as it is. Two hooks connect the heads to it:
 
 Outside `IAVModel.forward` / `IAVModel.generate` (and inside `disable_alignment()`), the hooks do nothing: the base
 model is exactly itself.
+
+Lifecycle (as PEFT's `unload`): `IAVModel.unload()` removes both hooks, drops the heads, restores the base's
+`requires_grad` flags and returns the base model, exactly as it was. The hooks reach the `IAVModel` through a weak
+reference, so the base never keeps it alive: an `IAVModel` that is dropped is freed, and takes its hooks with it. One
+base carries at most one live `IAVModel`; a second `get_iav_model` on it is refused (add heads to the first with
+`add_adapter`/`load_adapter`, or `unload()` it first): which heads a base serves is then never ambiguous, and
+hooks never pile up on it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import math
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -84,6 +92,32 @@ class IAVFusedOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
+class _IAVHook:
+    """A hook on the base model that calls `IAVModel.<method>` through a weak reference (a no-op once it is freed)."""
+
+    def __init__(self, owner: IAVModel, method: str):
+        self.owner = weakref.ref(owner)
+        self.method = method
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        owner = self.owner()
+        return None if owner is None else getattr(owner, self.method)(module, *args)
+
+
+def _live_owner(causal_lm: nn.Module) -> IAVModel | None:
+    """The live `IAVModel` whose hooks `causal_lm` carries (a deep copy of a base carries stale ones: ignored)."""
+    for hook in causal_lm._forward_hooks.values():
+        owner = hook.owner() if isinstance(hook, _IAVHook) else None
+        if owner is not None and not owner._unloaded and owner.get_base_model() is causal_lm:
+            return owner
+    return None
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def _unwrap_peft(model: nn.Module) -> PreTrainedModel:
     """The transformers model under a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -122,7 +156,17 @@ class IAVModel(nn.Module):
                 f"IAVModel needs a transformers causal LM with output embeddings (an `AutoModelForCausalLM`), got "
                 f"{type(model).__name__}."
             )
+        existing = _live_owner(causal_lm)
+        if existing is not None:
+            raise ValueError(
+                f"This {type(causal_lm).__name__} already carries the hooks of a live IAVModel (adapters "
+                f"{existing.adapter_names}), and a base carries one IAVModel at a time. Add another head to that "
+                "IAVModel with `add_adapter(name, config)` or `load_adapter(path, name)`, or detach it first "
+                "with `base = iav_model.unload()`."
+            )
+        self._unloaded = False
         self.base_model = model
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}  # restored by `unload`
         self.alignment_heads = nn.ModuleDict()
         self.iav_config: dict[str, AlignmentHeadConfig] = {}
         self.readout = LogitReadout.from_config(causal_lm.config)
@@ -133,8 +177,36 @@ class IAVModel(nn.Module):
         if freeze_backbone:
             model.requires_grad_(False)
         self.add_adapter(adapter_name, config, strict=strict)
-        causal_lm.get_output_embeddings().register_forward_pre_hook(self._lm_head_pre_hook)
-        causal_lm.register_forward_hook(self._model_hook)
+        self._hook_handles = [
+            causal_lm.get_output_embeddings().register_forward_pre_hook(_IAVHook(self, "_lm_head_pre_hook")),
+            causal_lm.register_forward_hook(_IAVHook(self, "_model_hook")),
+        ]
+        # Freed without `unload()`: the hooks go with it (the callback holds the handles, not `self`).
+        self._finalizer = weakref.finalize(self, _remove_hooks, list(self._hook_handles))
+
+    def unload(self) -> nn.Module:
+        """
+        Detach the heads and return the base model exactly as it was before `get_iav_model`/`from_pretrained` (like
+        PEFT's `unload`): both hooks removed, the heads dropped, every parameter's `requires_grad` restored. The
+        `IAVModel` is unusable afterwards. Save the heads first (`save_pretrained`) if you need them.
+        """
+        self._check_loaded()
+        self._finalizer()  # removes the hooks, once
+        base = self.base_model
+        for name, param in base.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        self.alignment_heads = nn.ModuleDict()
+        self.iav_config, self._adapter_weights, self._call = {}, {}, None
+        self._unloaded = True
+        del self._modules["base_model"]
+        return base
+
+    def _check_loaded(self) -> None:
+        if self.__dict__.get("_unloaded"):
+            raise ValueError(
+                "This IAVModel was unloaded (`unload()` returned its base model and dropped its heads). Attach a new "
+                "head with `get_iav_model(base, config)` or `IAVModel.from_pretrained(base, path)`."
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Attribute access: behave like the base model for everything IAV does not define.
@@ -147,6 +219,7 @@ class IAVModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name == "base_model":
+                self._check_loaded()
                 raise
             return getattr(self.base_model, name)
 
@@ -304,6 +377,8 @@ class IAVModel(nn.Module):
         call = self._call
         if call is None or not self._alignment_enabled or not call.strengths:
             return None
+        if module is not self.output_embeddings:  # a stale hook on a deep copy of the base
+            return None
         hidden = args[0]
         if call.decompose or not self.readout.is_linear:
             call.hidden = hidden
@@ -312,7 +387,7 @@ class IAVModel(nn.Module):
 
     def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         call = self._call
-        if call is None or call.hidden is None:
+        if call is None or call.hidden is None or module is not self.get_base_model():
             return output
         hidden, call.hidden = call.hidden, None
         weight = self.output_embeddings.weight
@@ -363,6 +438,7 @@ class IAVModel(nn.Module):
                 (TRL's fused LM head protocol; used by `IAVTrainer`).
             labels: next-token labels (-100 = ignored); the loss is the model's own causal-LM loss on `z_final`.
         """
+        self._check_loaded()
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         batch_size = None if reference is None else reference.shape[0]
         strengths = self._strengths(alpha, batch_size)

@@ -387,3 +387,60 @@ def test_scaled_readout_families_follow_the_models_own_logits_in_forward_and_fus
             torch.testing.assert_close(fused.log_probs, log_probs, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(fused.ref_log_probs, ref_log_probs, rtol=1e-4, atol=1e-5)
         assert a_t.abs().max() > 1e-3  # the alignment is not trivially zero
+
+
+def _iav_hooks(base):
+    from iav_trl.model import _IAVHook
+
+    modules = (base, base.get_output_embeddings())
+    hooks = [h for m in modules for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+    return [h for h in hooks if isinstance(h, _IAVHook) or getattr(h, "__self__", None).__class__ is IAVModel]
+
+
+def test_unload_detaches_every_hook_restores_the_base_and_frees_the_iav_model(input_ids):
+    import gc
+    import weakref
+
+    base = tiny_causal_lm("llama", vocab_size=400).eval()
+    untouched = copy.deepcopy(base)
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}
+    model = get_iav_model(base, SMALL_HEAD)
+    randomize_heads(model)
+    assert not torch.equal(model(input_ids, alpha=1.0).logits, untouched(input_ids).logits)
+    assert not any(p.requires_grad for p in base.parameters())  # frozen while attached
+
+    restored = model.unload()
+    assert restored is base
+    assert _iav_hooks(base) == []
+    assert not base._forward_hooks and not base.get_output_embeddings()._forward_pre_hooks
+    assert {name: p.requires_grad for name, p in base.named_parameters()} == flags
+    assert torch.equal(base(input_ids).logits, untouched(input_ids).logits)
+    with pytest.raises(ValueError, match="unload"):
+        model(input_ids)
+    reference = weakref.ref(model)
+    del model
+    gc.collect()
+    assert reference() is None
+
+
+def test_a_second_iav_model_on_one_base_is_refused_until_the_first_is_unloaded_or_freed(input_ids):
+    import gc
+    import weakref
+
+    base = tiny_causal_lm("llama", vocab_size=400).eval()
+    first = get_iav_model(base, SMALL_HEAD)
+    with pytest.raises(ValueError, match=r"already carries.*add_adapter.*unload\(\)"):
+        get_iav_model(base, SMALL_HEAD)
+    assert len(_iav_hooks(base)) == 2  # the refused attach left nothing behind
+    first.unload()
+    second = get_iav_model(base, SMALL_HEAD)
+    assert len(_iav_hooks(base)) == 2
+    # A dropped IAVModel is freed (the base holds it only weakly) and takes its hooks with it.
+    reference = weakref.ref(second)
+    del second
+    gc.collect()
+    assert reference() is None and _iav_hooks(base) == []
+    for _ in range(3):
+        get_iav_model(base, SMALL_HEAD)(input_ids, alpha=1.0)
+    gc.collect()
+    assert _iav_hooks(base) == []
