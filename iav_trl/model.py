@@ -520,10 +520,13 @@ class IAVModel(nn.Module):
     @torch.no_grad()
     def generate(self, *args: Any, alpha: AlphaLike = None, **kwargs: Any) -> Any:
         """`transformers`' own `generate` (greedy, sampling, beams, streamers, ...) decoding `z_final`."""
-        reference = kwargs.get("input_ids", args[0] if args else None)
-        if reference is None:
-            reference = kwargs.get("inputs_embeds")
-        batch_size = 1 if reference is None else reference.shape[0]
+        # The rows, however they are passed: positionally or as `inputs=` (generate's own name), `input_ids=` or
+        # `inputs_embeds=`; with none of them, generate starts one row from the BOS token.
+        reference = args[0] if args else None
+        for key in ("inputs", "input_ids", "inputs_embeds"):
+            if reference is None:
+                reference = kwargs.get(key)
+        batch_size = reference.shape[0] if isinstance(reference, torch.Tensor) else 1
         strengths = self._strengths(alpha, batch_size)
         device = self.output_embeddings.weight.device
         strengths = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in strengths.items()}

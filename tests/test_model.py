@@ -444,3 +444,15 @@ def test_a_second_iav_model_on_one_base_is_refused_until_the_first_is_unloaded_o
         get_iav_model(base, SMALL_HEAD)(input_ids, alpha=1.0)
     gc.collect()
     assert _iav_hooks(base) == []
+
+
+def test_generate_counts_rows_from_inputs_passed_by_keyword(input_ids):
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
+    two_rows = input_ids[:2]
+    with pytest.raises(ValueError, match="has 3 values but the batch has 2 rows"):
+        model.generate(inputs=two_rows, alpha=[0.0, 1.0, 2.0], max_new_tokens=2)
+    # One value per row is accepted however the rows are passed, and equals the positional call.
+    expected = model.generate(two_rows, alpha=[0.0, 1.0], max_new_tokens=2, do_sample=False)
+    for key in ("inputs", "input_ids"):
+        out = model.generate(**{key: two_rows}, alpha=[0.0, 1.0], max_new_tokens=2, do_sample=False)
+        assert torch.equal(out, expected)
