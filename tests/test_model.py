@@ -4,6 +4,7 @@ evaluation of the documented head formula."""
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -456,3 +457,24 @@ def test_generate_counts_rows_from_inputs_passed_by_keyword(input_ids):
     for key in ("inputs", "input_ids"):
         out = model.generate(**{key: two_rows}, alpha=[0.0, 1.0], max_new_tokens=2, do_sample=False)
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("hidden_size", "32", "int"),
+        ("dropout", "0.1", "float"),
+        ("num_interventions", 2.0, "int"),
+        ("default_alpha", None, "float"),
+        ("inference_mode", "yes", "bool"),
+        ("base_model_name_or_path", 3, "str"),
+        ("base_model_fingerprint", [1], "dict"),
+    ],
+)
+def test_a_wrongly_typed_config_field_is_named_with_the_type_found_and_expected(tmp_path, field, value, expected):
+    found = type(value).__name__
+    with pytest.raises(TypeError, match=rf"`{field}` must be .*{expected}.*got {found} {re.escape(repr(value))}"):
+        AlignmentHeadConfig(**{field: value})
+    (tmp_path / "alignment_head_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(TypeError, match=rf"alignment_head_config.json.*`{field}` must be .*{expected}.*got {found}"):
+        AlignmentHeadConfig.from_pretrained(tmp_path)
