@@ -478,3 +478,10 @@ def test_a_wrongly_typed_config_field_is_named_with_the_type_found_and_expected(
     (tmp_path / "alignment_head_config.json").write_text(json.dumps({field: value}))
     with pytest.raises(TypeError, match=rf"alignment_head_config.json.*`{field}` must be .*{expected}.*got {found}"):
         AlignmentHeadConfig.from_pretrained(tmp_path)
+
+
+def test_adapter_names_with_a_dot_are_refused_by_the_name_check():
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
+    with pytest.raises(ValueError, match=r"Invalid adapter name 'v1\.2'.*'\.'"):
+        model.add_adapter("v1.2", SMALL_HEAD)
+    assert model.adapter_names == ["default"]
