@@ -577,6 +577,13 @@ class IAVModel(nn.Module):
         if kwargs.get("safe_serialization") is False:
             raise ValueError("iav-trl saves adapters as safetensors only; drop `safe_serialization=False`.")
         names = list(selected_adapters) if selected_adapters is not None else self.adapter_names
+        if not names:
+            raise ValueError(
+                "There is nothing to save: "
+                + ("`selected_adapters` is empty" if selected_adapters is not None else "this model has no adapters")
+                + f" (loaded: {self.adapter_names}). Pass adapter names, or add a head with `add_adapter(name, "
+                "config)` or `load_adapter(path, name)` first."
+            )
         self._check_known(names)
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; `save_pretrained` needs a directory.")

@@ -485,3 +485,13 @@ def test_adapter_names_with_a_dot_are_refused_by_the_name_check():
     with pytest.raises(ValueError, match=r"Invalid adapter name 'v1\.2'.*'\.'"):
         model.add_adapter("v1.2", SMALL_HEAD)
     assert model.adapter_names == ["default"]
+
+
+def test_saving_a_model_without_adapters_says_there_is_nothing_to_save(tmp_path):
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
+    model.delete_adapter("default")
+    with pytest.raises(ValueError, match="nothing to save.*add_adapter"):
+        model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="nothing to save"):
+        get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD).save_pretrained(tmp_path, [])
+    assert not os.listdir(tmp_path)
