@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from .alpha import ALPHA_LIMIT
 from .io import atomic_write_text, resolve_adapter_file
 
 CONFIG_NAME = "alignment_head_config.json"
@@ -110,8 +111,11 @@ class AlignmentHeadConfig:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
-        if not math.isfinite(self.default_alpha):
-            raise ValueError(f"`default_alpha` must be a finite float, got {self.default_alpha!r}.")
+        if not math.isfinite(self.default_alpha) or abs(self.default_alpha) > ALPHA_LIMIT:
+            raise ValueError(
+                f"`default_alpha` must be a finite float with |alpha| <= {ALPHA_LIMIT:g} (see `iav_trl.alpha`), got "
+                f"{self.default_alpha!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -495,3 +495,22 @@ def test_saving_a_model_without_adapters_says_there_is_nothing_to_save(tmp_path)
     with pytest.raises(ValueError, match="nothing to save"):
         get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD).save_pretrained(tmp_path, [])
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("alpha", [1e39, -1e39, 1e5, [1.0, 1e5, 1.0, 1.0], {"default": 2e4}])
+def test_alpha_beyond_the_documented_bound_is_refused_naming_the_bound(alpha, input_ids):
+    from iav_trl.alpha import ALPHA_LIMIT
+
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
+    randomize_heads(model)
+    with pytest.raises(ValueError, match=rf"\|alpha\| <= {ALPHA_LIMIT:g}"):
+        model(input_ids, alpha=alpha)
+    with pytest.raises(ValueError, match=rf"\|alpha\| <= {ALPHA_LIMIT:g}"):
+        model.generate(input_ids, alpha=alpha, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"{ALPHA_LIMIT:g}"):
+        AlignmentHeadConfig(default_alpha=1e39)
+    # At the bound itself the logits stay finite, even for a head with large weights.
+    assert torch.isfinite(model(input_ids, alpha=ALPHA_LIMIT).logits).all()
+    model.set_adapter({"default": ALPHA_LIMIT})  # alpha times the mixing weight is bounded too
+    with pytest.raises(ValueError, match=rf"adapter 'default' \(alpha times its mixing weight\).*<= {ALPHA_LIMIT:g}"):
+        model(input_ids, alpha=2.0)
