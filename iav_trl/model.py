@@ -14,10 +14,12 @@ model is exactly itself.
 
 Lifecycle (as PEFT's `unload`): `IAVModel.unload()` removes both hooks, drops the heads, restores the base's
 `requires_grad` flags and returns the base model, exactly as it was. The hooks reach the `IAVModel` through a weak
-reference, so the base never keeps it alive: an `IAVModel` that is dropped is freed, and takes its hooks with it. One
-base carries at most one live `IAVModel`; a second `get_iav_model` on it is refused (add heads to the first with
-`add_adapter`/`load_adapter`, or `unload()` it first): which heads a base serves is then never ambiguous, and
-hooks never pile up on it.
+reference, so the base never keeps it alive: an `IAVModel` that is dropped is freed, and takes its hooks with it.
+
+One base carries at most one live `IAVModel`. Attaching another (`get_iav_model(base, ...)` or
+`IAVModel.from_pretrained(base, ...)` again, the PEFT habit of reloading onto the same base) detaches the old one
+with a warning: its hooks are removed, so hooks never pile up and the base serves the new heads only. The old
+`IAVModel` keeps its heads (`save_pretrained` still works), but its `forward`/`generate` raise, naming the fix.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def _live_owner(causal_lm: nn.Module) -> IAVModel | None:
     """The live `IAVModel` whose hooks `causal_lm` carries (a deep copy of a base carries stale ones: ignored)."""
     for hook in causal_lm._forward_hooks.values():
         owner = hook.owner() if isinstance(hook, _IAVHook) else None
-        if owner is not None and not owner._unloaded and owner.get_base_model() is causal_lm:
+        if owner is not None and not (owner._unloaded or owner._detached) and owner.get_base_model() is causal_lm:
             return owner
     return None
 
@@ -156,17 +158,21 @@ class IAVModel(nn.Module):
                 f"IAVModel needs a transformers causal LM with output embeddings (an `AutoModelForCausalLM`), got "
                 f"{type(model).__name__}."
             )
+        self._unloaded = self._detached = False
         existing = _live_owner(causal_lm)
+        # `unload` restores the flags the base had before any IAVModel froze it.
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         if existing is not None:
-            raise ValueError(
-                f"This {type(causal_lm).__name__} already carries the hooks of a live IAVModel (adapters "
-                f"{existing.adapter_names}), and a base carries one IAVModel at a time. Add another head to that "
-                "IAVModel with `add_adapter(name, config)` or `load_adapter(path, name)`, or detach it first "
-                "with `base = iav_model.unload()`."
+            logger.warning(
+                "This %s already carried a live IAVModel (adapters %s); it is now detached from it: its `forward` and "
+                "`generate` raise, its heads can still be saved. To keep several heads on one base, add them to one "
+                "IAVModel with `add_adapter`/`load_adapter`; to hand the base over explicitly, call `unload()` first.",
+                type(causal_lm).__name__,
+                existing.adapter_names,
             )
-        self._unloaded = False
+            existing._detach()
+            self._requires_grad = existing._requires_grad
         self.base_model = model
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}  # restored by `unload`
         self.alignment_heads = nn.ModuleDict()
         self.iav_config: dict[str, AlignmentHeadConfig] = {}
         self.readout = LogitReadout.from_config(causal_lm.config)
@@ -190,7 +196,7 @@ class IAVModel(nn.Module):
         PEFT's `unload`): both hooks removed, the heads dropped, every parameter's `requires_grad` restored. The
         `IAVModel` is unusable afterwards. Save the heads first (`save_pretrained`) if you need them.
         """
-        self._check_loaded()
+        self._check_loaded(detached_ok=True)
         self._finalizer()  # removes the hooks, once
         base = self.base_model
         for name, param in base.named_parameters():
@@ -201,11 +207,22 @@ class IAVModel(nn.Module):
         del self._modules["base_model"]
         return base
 
-    def _check_loaded(self) -> None:
+    def _detach(self) -> None:
+        """Remove the hooks (another IAVModel takes the base over); the heads stay, for `save_pretrained`."""
+        self._finalizer()
+        self._detached = True
+
+    def _check_loaded(self, detached_ok: bool = False) -> None:
         if self.__dict__.get("_unloaded"):
             raise ValueError(
                 "This IAVModel was unloaded (`unload()` returned its base model and dropped its heads). Attach a new "
                 "head with `get_iav_model(base, config)` or `IAVModel.from_pretrained(base, path)`."
+            )
+        if self.__dict__.get("_detached") and not detached_ok:
+            raise ValueError(
+                "This IAVModel was detached from its base model, because another IAVModel was attached to that base "
+                "since (a base serves one IAVModel at a time). Use the newer one; to serve these heads too, save them "
+                "(`save_pretrained` still works here) and `load_adapter` them into the newer one."
             )
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -520,6 +537,7 @@ class IAVModel(nn.Module):
     @torch.no_grad()
     def generate(self, *args: Any, alpha: AlphaLike = None, **kwargs: Any) -> Any:
         """`transformers`' own `generate` (greedy, sampling, beams, streamers, ...) decoding `z_final`."""
+        self._check_loaded()
         # The rows, however they are passed: positionally or as `inputs=` (generate's own name), `input_ids=` or
         # `inputs_embeds=`; with none of them, generate starts one row from the BOS token.
         reference = args[0] if args else None

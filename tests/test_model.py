@@ -424,27 +424,43 @@ def test_unload_detaches_every_hook_restores_the_base_and_frees_the_iav_model(in
     assert reference() is None
 
 
-def test_a_second_iav_model_on_one_base_is_refused_until_the_first_is_unloaded_or_freed(input_ids):
+def test_a_second_iav_model_on_one_base_detaches_the_first_and_hooks_never_pile_up(input_ids, tmp_path, caplog):
     import gc
     import weakref
 
     base = tiny_causal_lm("llama", vocab_size=400).eval()
+    untouched = copy.deepcopy(base)
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}
     first = get_iav_model(base, SMALL_HEAD)
-    with pytest.raises(ValueError, match=r"already carries.*add_adapter.*unload\(\)"):
-        get_iav_model(base, SMALL_HEAD)
-    assert len(_iav_hooks(base)) == 2  # the refused attach left nothing behind
-    first.unload()
-    second = get_iav_model(base, SMALL_HEAD)
-    assert len(_iav_hooks(base)) == 2
+    randomize_heads(first)
+    with caplog.at_level("WARNING", logger="iav_trl.model"):
+        second = get_iav_model(base, SMALL_HEAD)  # e.g. `IAVModel.from_pretrained(base, path)` after saving
+    assert "now detached" in caplog.text and "add_adapter" in caplog.text
+    assert len(_iav_hooks(base)) == 2  # the second's two hooks only
+    # The base serves the second (a fresh head: exactly the base model), the first refuses to run but still saves.
+    assert torch.equal(second(input_ids, alpha=1.0).logits, untouched(input_ids).logits)
+    with pytest.raises(ValueError, match="detached.*another IAVModel was attached.*load_adapter"):
+        first(input_ids)
+    with pytest.raises(ValueError, match="detached"):
+        first.generate(input_ids, max_new_tokens=2)
+    first.save_pretrained(tmp_path)
+    assert second.unload() is base  # with the flags the base had before the first froze it
+    assert {name: p.requires_grad for name, p in base.named_parameters()} == flags
+    assert IAVModel.from_pretrained(base, tmp_path).alignment_heads["default"].write.weight.abs().sum() > 0
     # A dropped IAVModel is freed (the base holds it only weakly) and takes its hooks with it.
-    reference = weakref.ref(second)
-    del second
     gc.collect()
-    assert reference() is None and _iav_hooks(base) == []
+    assert _iav_hooks(base) == []
     for _ in range(3):
         get_iav_model(base, SMALL_HEAD)(input_ids, alpha=1.0)
     gc.collect()
     assert _iav_hooks(base) == []
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}  # frozen: the dropped ones never unloaded
+    third = get_iav_model(base, SMALL_HEAD)
+    reference = weakref.ref(third)
+    assert third.unload() is base and {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    del third
+    gc.collect()
+    assert reference() is None and _iav_hooks(base) == []
 
 
 def test_generate_counts_rows_from_inputs_passed_by_keyword(input_ids):
