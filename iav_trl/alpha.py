@@ -7,7 +7,12 @@ With adapters `i` active at mixing weights `w_i`, a call decodes with
 where `alpha` is a float (every row), a sequence/tensor of one value per batch row, or a dict `{adapter: value}`
 that sets each `alpha_i` directly (values again floats or per-row sequences). `None` means each adapter's
 `default_alpha` (1.0 unless the adapter says otherwise). Guide: 0 base model, 0.5 light, 1.0 standard (what
-training targets), 1.5 strong, 2.0 maximum; any finite value is accepted.
+training targets), 1.5 strong, 2.0 maximum.
+
+Accepted: any `|alpha_i| <= ALPHA_LIMIT = 1000` (the user's values, and their products with the mixing weights).
+That is 500 times the guide's maximum, and keeps `alpha_i * a_t` finite in float32 (max 3.4e38) for any alignment
+logits below 3e35; a value such as 1e39 is not even a float32 (it rounds to inf) and turned every logit into inf or
+NaN while `generate` still returned tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ AlphaValue = Union[float, Sequence[float], np.ndarray, torch.Tensor]
 AlphaLike = Union[AlphaValue, Mapping[str, AlphaValue], None]
 
 ALPHA_GUIDE = "0 = base model, 0.5 light, 1.0 standard (the training target), 1.5 strong, 2.0 maximum"
+ALPHA_LIMIT = 1000.0  # the largest |alpha_i| accepted, see the module docstring
+
+
+def _beyond_limit(where: str, value: float) -> ValueError:
+    return ValueError(
+        f"{where} is {value:g}, beyond the supported range |alpha| <= {ALPHA_LIMIT:g} (larger strengths overflow "
+        f"float32 logits to inf/NaN). Use a value such as {ALPHA_GUIDE}."
+    )
 
 
 def _strength(value: AlphaValue, batch_size: int | None, where: str) -> float | torch.Tensor:
@@ -34,6 +47,8 @@ def _strength(value: AlphaValue, batch_size: int | None, where: str) -> float | 
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{where} must be finite, got {value}. Use a value such as {ALPHA_GUIDE}.")
+        if abs(value) > ALPHA_LIMIT:
+            raise _beyond_limit(where, value)
         return value
     if isinstance(value, (str, bytes, Mapping)):
         raise ValueError(f"{where} must be a number or a sequence of numbers, got {type(value).__name__}.")
@@ -54,6 +69,8 @@ def _strength(value: AlphaValue, batch_size: int | None, where: str) -> float | 
         )
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{where} must be finite, got {tensor.tolist()}. Use values such as {ALPHA_GUIDE}.")
+    if tensor.abs().max() > ALPHA_LIMIT:
+        raise _beyond_limit(f"{where} (row {int(tensor.abs().argmax())})", float(tensor.abs().max()))
     return tensor
 
 
@@ -79,4 +96,8 @@ def resolve_alpha(
     else:
         value = _strength(alpha, batch_size, "alpha")
         strengths = {name: value * weight for name, weight in active.items()}
+    for name, value in strengths.items():  # alpha times the mixing weights (`set_adapter`), or a default_alpha
+        largest = abs(value) if isinstance(value, float) else float(value.abs().max())
+        if largest > ALPHA_LIMIT:
+            raise _beyond_limit(f"The strength of adapter {name!r} (alpha times its mixing weight)", largest)
     return {name: value for name, value in strengths.items() if not (isinstance(value, float) and value == 0.0)}

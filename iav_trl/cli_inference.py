@@ -11,6 +11,12 @@ at each alpha: reward accuracy (the fraction of pairs with r(x, y_chosen) > r(x,
 (r(x, y_chosen) - r(x, y_rejected)). These are `IAVTrainer.evaluate`'s `eval_rewards/accuracies` and
 `eval_rewards/margins`, with the head applied at strength alpha; alpha 0 is the base model, so both are 0 there.
 For a fully fine-tuned backbone, `log p_base` is the original base model's, so alpha 0 measures the fine-tuning alone.
+
+TRL's accuracy counts a tie (margin exactly 0) as a loss, so the base model at alpha 0 scores 0.0. Next to it, from
+the per-pair rewards (one more pass over the split per alpha, with DPOTrainer's own per-pair log-probs):
+
+    ties     = mean_pairs [margin == 0]
+    win_rate = mean_pairs [margin > 0] + ties / 2        (0.5 at alpha 0: every pair is a tie)
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from types import SimpleNamespace
 from typing import Any
 
+import torch
 from transformers import set_seed
 from trl import ModelConfig
 
@@ -40,6 +48,8 @@ EVAL_METRICS = {
     "rejected_reward": "eval_rewards/rejected",
     "loss": "eval_loss",
 }
+# Reported metrics computed from the per-pair rewards (`pair_margins`).
+PAIR_METRICS = ("ties", "win_rate")
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -85,10 +95,37 @@ def generate(gen_args: GenerateArguments, model_args: ModelConfig) -> list[dict[
 
 def format_eval_table(rows: list[dict[str, float]]) -> str:
     """A plain-text table, one row per alpha."""
-    header = ["alpha", *EVAL_METRICS]
+    header = ["alpha", *EVAL_METRICS, *PAIR_METRICS]
     lines = ["  ".join(f"{name:>15}" for name in header)]
     lines += ["  ".join(f"{row[name]:>15.4f}" for name in header) for row in rows]
     return "\n".join(lines)
+
+
+def pair_margins(trainer: IAVTrainer) -> torch.Tensor:
+    """
+    `r(x, y_chosen) - r(x, y_rejected)` of every pair of the eval split, `(num_pairs,)`, at the model's current
+    alpha, with DPOTrainer's own per-pair log-probs (`compute_ref_log_probs`: completion tokens only, its `ld_alpha`
+    weighting) for the policy and for the reference, the one `evaluate` uses: the base model's `z_base` from the
+    same pass, or `trainer.ref_model`.
+    """
+    model, margins, outputs = trainer.model, [], {}
+    model.eval()
+
+    def policy(**kwargs):
+        outputs["policy"] = model(**kwargs, alpha=trainer._iav.alpha)
+        return outputs["policy"]
+
+    for batch in trainer.get_eval_dataloader():
+        inputs = trainer._prepare_inputs(batch)
+        chosen, rejected = trainer.compute_ref_log_probs(policy, inputs)
+        if trainer.ref_model is None:  # the reference of the same pass, as IAVTrainer.compute_loss takes it
+            reference = lambda **kwargs: SimpleNamespace(log_probs=outputs["policy"].ref_log_probs)  # noqa: E731
+        else:
+            reference = trainer.ref_model
+        ref_chosen, ref_rejected = trainer.compute_ref_log_probs(reference, inputs)
+        margin = trainer.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        margins.append(trainer.accelerator.gather_for_metrics(margin).float().cpu())
+    return torch.cat(margins) if margins else torch.zeros(0)
 
 
 def evaluate(
@@ -115,7 +152,17 @@ def evaluate(
             # The trainer applies the head at its `alpha` times the adapter weight: weight alpha / args.alpha is alpha.
             model.set_adapter({adapter_name: alpha / training_args.alpha})
             metrics = trainer.evaluate()
-            rows.append({"alpha": float(alpha), **{name: metrics[key] for name, key in EVAL_METRICS.items()}})
+            margins = pair_margins(trainer)
+            ties = (margins == 0).float().mean().item()
+            win_rate = (margins > 0).float().mean().item() + ties / 2
+            rows.append(
+                {
+                    "alpha": float(alpha),
+                    **{name: metrics[key] for name, key in EVAL_METRICS.items()},
+                    "ties": ties,
+                    "win_rate": win_rate,
+                }
+            )
     results = {
         "adapter": eval_args.adapter,
         "base_model": loaded.base_model_name_or_path,

@@ -11,8 +11,9 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
+from .alpha import ALPHA_LIMIT
 from .io import atomic_write_text, resolve_adapter_file
 
 CONFIG_NAME = "alignment_head_config.json"
@@ -73,15 +74,48 @@ class AlignmentHeadConfig:
     )
     inference_mode: bool = field(default=False, metadata={"help": "Whether the head is frozen for inference."})
 
+    # The JSON types each field accepts (`None` where the field is optional), checked before any value check: a config
+    # file edited by hand (`"hidden_size": "32"`) fails naming the field, not later with a misleading message.
+    FIELD_TYPES: ClassVar[dict[str, tuple[tuple[type, ...], bool]]] = {
+        "num_interventions": ((int,), False),
+        "intervention_dim": ((int,), False),
+        "dropout": ((float, int), False),
+        "default_alpha": ((float, int), False),
+        "base_model_name_or_path": ((str,), True),
+        "revision": ((str,), True),
+        "hidden_size": ((int,), True),
+        "vocab_size": ((int,), True),
+        "model_type": ((str,), True),
+        "base_model_fingerprint": ((dict,), True),
+        "inference_mode": ((bool,), False),
+    }
+
+    def _check_types(self) -> None:
+        for name, (types, optional) in self.FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            is_bool = isinstance(value, bool)
+            if not isinstance(value, types) or (is_bool and bool not in types):
+                expected = " or ".join(t.__name__ for t in types) + (" (or null)" if optional else "")
+                raise TypeError(
+                    f"`{name}` must be {expected}, got {type(value).__name__} {value!r}. Pass a {types[0].__name__}"
+                    f" (in a saved `{CONFIG_NAME}`, write it without quotes if it is a number)."
+                )
+
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("num_interventions", "intervention_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
-        if not math.isfinite(self.default_alpha):
-            raise ValueError(f"`default_alpha` must be a finite float, got {self.default_alpha!r}.")
+        if not math.isfinite(self.default_alpha) or abs(self.default_alpha) > ALPHA_LIMIT:
+            raise ValueError(
+                f"`default_alpha` must be a finite float with |alpha| <= {ALPHA_LIMIT:g} (see `iav_trl.alpha`), got "
+                f"{self.default_alpha!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,4 +163,7 @@ def read_config_file(path: str | os.PathLike) -> tuple[AlignmentHeadConfig, str 
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
     digest = data.pop(WEIGHTS_DIGEST_KEY, None)
-    return AlignmentHeadConfig.from_dict(data), digest
+    try:
+        return AlignmentHeadConfig.from_dict(data), digest
+    except TypeError as err:
+        raise TypeError(f"{path}: {err}") from err

@@ -14,7 +14,7 @@ from datasets import Dataset
 from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, enable_full_determinism, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import DPOConfig, DPOTrainer
@@ -166,6 +166,9 @@ class IAVTrainer(DPOTrainer):
                 model.config._name_or_path = name
             quantization_config = None
             args.model_init_kwargs = None
+        # The head is initialised randomly here, before `Trainer.__init__` seeds the RNG: seed it first, as Trainer
+        # does, so that one `args.seed` always gives one initial head (whatever the global RNG held before).
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model = self._attach_head(model, peft_config)
         trainable_backbone = any(p.requires_grad for p in model.base_model.parameters())
         if trainable_backbone and not _is_peft(model.base_model) and ref_model is None:

@@ -70,11 +70,12 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def check_adapter_name(name: str) -> str:
-    """Adapter names become sub-directories: refuse anything that could escape the save directory."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+    """Adapter names become sub-directories and `nn.ModuleDict` keys: refuse anything that could escape the save
+    directory, and the '.' that torch reserves for submodule paths (`alignment_heads.<name>.read.weight`)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise ValueError(
-            f"Invalid adapter name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit "
-            "(no path separators, no '..')."
+            f"Invalid adapter name {name!r}: use letters, digits, '_' and '-', starting with a letter or digit (no "
+            "'.', which torch reserves for submodule paths, and no path separators), e.g. 'v1_2' for 'v1.2'."
         )
     return name
 

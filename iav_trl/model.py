@@ -11,6 +11,15 @@ The base model is left as it is. Two hooks connect the heads to it:
 
 Outside `IAVModel.forward` / `IAVModel.generate` (and inside `disable_alignment()`), the hooks do nothing: the base
 model is exactly itself.
+
+Lifecycle (as PEFT's `unload`): `IAVModel.unload()` removes both hooks, drops the heads, restores the base's
+`requires_grad` flags and returns the base model, exactly as it was. The hooks reach the `IAVModel` through a weak
+reference, so the base never keeps it alive: an `IAVModel` that is dropped is freed, and takes its hooks with it.
+
+One base carries at most one live `IAVModel`. Attaching another (`get_iav_model(base, ...)` or
+`IAVModel.from_pretrained(base, ...)` again, the PEFT habit of reloading onto the same base) detaches the old one
+with a warning: its hooks are removed, so hooks never pile up and the base serves the new heads only. The old
+`IAVModel` keeps its heads (`save_pretrained` still works), but its `forward`/`generate` raise, naming the fix.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import logging
 import math
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -84,6 +94,32 @@ class IAVFusedOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
+class _IAVHook:
+    """A hook on the base model that calls `IAVModel.<method>` through a weak reference (a no-op once it is freed)."""
+
+    def __init__(self, owner: IAVModel, method: str):
+        self.owner = weakref.ref(owner)
+        self.method = method
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        owner = self.owner()
+        return None if owner is None else getattr(owner, self.method)(module, *args)
+
+
+def _live_owner(causal_lm: nn.Module) -> IAVModel | None:
+    """The live `IAVModel` whose hooks `causal_lm` carries (a deep copy of a base carries stale ones: ignored)."""
+    for hook in causal_lm._forward_hooks.values():
+        owner = hook.owner() if isinstance(hook, _IAVHook) else None
+        if owner is not None and not (owner._unloaded or owner._detached) and owner.get_base_model() is causal_lm:
+            return owner
+    return None
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def _unwrap_peft(model: nn.Module) -> PreTrainedModel:
     """The transformers model under a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -122,6 +158,20 @@ class IAVModel(nn.Module):
                 f"IAVModel needs a transformers causal LM with output embeddings (an `AutoModelForCausalLM`), got "
                 f"{type(model).__name__}."
             )
+        self._unloaded = self._detached = False
+        existing = _live_owner(causal_lm)
+        # `unload` restores the flags the base had before any IAVModel froze it.
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        if existing is not None:
+            logger.warning(
+                "This %s already carried a live IAVModel (adapters %s); it is now detached from it: its `forward` and "
+                "`generate` raise, its heads can still be saved. To keep several heads on one base, add them to one "
+                "IAVModel with `add_adapter`/`load_adapter`; to hand the base over explicitly, call `unload()` first.",
+                type(causal_lm).__name__,
+                existing.adapter_names,
+            )
+            existing._detach()
+            self._requires_grad = existing._requires_grad
         self.base_model = model
         self.alignment_heads = nn.ModuleDict()
         self.iav_config: dict[str, AlignmentHeadConfig] = {}
@@ -133,8 +183,47 @@ class IAVModel(nn.Module):
         if freeze_backbone:
             model.requires_grad_(False)
         self.add_adapter(adapter_name, config, strict=strict)
-        causal_lm.get_output_embeddings().register_forward_pre_hook(self._lm_head_pre_hook)
-        causal_lm.register_forward_hook(self._model_hook)
+        self._hook_handles = [
+            causal_lm.get_output_embeddings().register_forward_pre_hook(_IAVHook(self, "_lm_head_pre_hook")),
+            causal_lm.register_forward_hook(_IAVHook(self, "_model_hook")),
+        ]
+        # Freed without `unload()`: the hooks go with it (the callback holds the handles, not `self`).
+        self._finalizer = weakref.finalize(self, _remove_hooks, list(self._hook_handles))
+
+    def unload(self) -> nn.Module:
+        """
+        Detach the heads and return the base model exactly as it was before `get_iav_model`/`from_pretrained` (like
+        PEFT's `unload`): both hooks removed, the heads dropped, every parameter's `requires_grad` restored. The
+        `IAVModel` is unusable afterwards. Save the heads first (`save_pretrained`) if you need them.
+        """
+        self._check_loaded(detached_ok=True)
+        self._finalizer()  # removes the hooks, once
+        base = self.base_model
+        for name, param in base.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        self.alignment_heads = nn.ModuleDict()
+        self.iav_config, self._adapter_weights, self._call = {}, {}, None
+        self._unloaded = True
+        del self._modules["base_model"]
+        return base
+
+    def _detach(self) -> None:
+        """Remove the hooks (another IAVModel takes the base over); the heads stay, for `save_pretrained`."""
+        self._finalizer()
+        self._detached = True
+
+    def _check_loaded(self, detached_ok: bool = False) -> None:
+        if self.__dict__.get("_unloaded"):
+            raise ValueError(
+                "This IAVModel was unloaded (`unload()` returned its base model and dropped its heads). Attach a new "
+                "head with `get_iav_model(base, config)` or `IAVModel.from_pretrained(base, path)`."
+            )
+        if self.__dict__.get("_detached") and not detached_ok:
+            raise ValueError(
+                "This IAVModel was detached from its base model, because another IAVModel was attached to that base "
+                "since (a base serves one IAVModel at a time). Use the newer one; to serve these heads too, save them "
+                "(`save_pretrained` still works here) and `load_adapter` them into the newer one."
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Attribute access: behave like the base model for everything IAV does not define.
@@ -147,6 +236,7 @@ class IAVModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name == "base_model":
+                self._check_loaded()
                 raise
             return getattr(self.base_model, name)
 
@@ -304,6 +394,8 @@ class IAVModel(nn.Module):
         call = self._call
         if call is None or not self._alignment_enabled or not call.strengths:
             return None
+        if module is not self.output_embeddings:  # a stale hook on a deep copy of the base
+            return None
         hidden = args[0]
         if call.decompose or not self.readout.is_linear:
             call.hidden = hidden
@@ -312,7 +404,7 @@ class IAVModel(nn.Module):
 
     def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         call = self._call
-        if call is None or call.hidden is None:
+        if call is None or call.hidden is None or module is not self.get_base_model():
             return output
         hidden, call.hidden = call.hidden, None
         weight = self.output_embeddings.weight
@@ -363,6 +455,7 @@ class IAVModel(nn.Module):
                 (TRL's fused LM head protocol; used by `IAVTrainer`).
             labels: next-token labels (-100 = ignored); the loss is the model's own causal-LM loss on `z_final`.
         """
+        self._check_loaded()
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         batch_size = None if reference is None else reference.shape[0]
         strengths = self._strengths(alpha, batch_size)
@@ -401,6 +494,8 @@ class IAVModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trainable):
             backbone_outputs = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             hidden = backbone_outputs.last_hidden_state
+            if self.readout.input_scale != 1.0:  # what the LM head receives (MiniCPM3 scales it, see `readout`)
+                hidden = hidden * self.readout.input_scale
         aux_loss = None
         if kwargs.pop("output_router_logits", False):
             aux_loss = _load_balancing_loss(causal_lm, backbone_outputs.router_logits, attention_mask)
@@ -409,7 +504,7 @@ class IAVModel(nn.Module):
             # The reference is the untouched base model: PEFT adapters off, no alignment.
             with torch.no_grad(), self.base_model.disable_adapter():
                 ref_hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                ref_hidden = ref_hidden.last_hidden_state[:, :-1]
+                ref_hidden = ref_hidden.last_hidden_state[:, :-1] * self.readout.input_scale
         labels = labels[:, 1:].to(hidden.device)
         mask = labels != -100
         scored = hidden[:, :-1][mask]  # (N, d)
@@ -418,9 +513,9 @@ class IAVModel(nn.Module):
             token_strengths = {
                 name: s[rows.to(s.device)] if isinstance(s, torch.Tensor) else s for name, s in strengths.items()
             }
-            delta = self._offset(scored, token_strengths)
+            delta = self._offset(scored.float(), token_strengths)  # kept in float32, as the statistics are
         else:
-            delta = torch.zeros_like(scored)
+            delta = torch.zeros_like(scored, dtype=torch.float32)
         lm_head = self.output_embeddings
         stats = fused_token_stats(
             self.readout,
@@ -442,10 +537,14 @@ class IAVModel(nn.Module):
     @torch.no_grad()
     def generate(self, *args: Any, alpha: AlphaLike = None, **kwargs: Any) -> Any:
         """`transformers`' own `generate` (greedy, sampling, beams, streamers, ...) decoding `z_final`."""
-        reference = kwargs.get("input_ids", args[0] if args else None)
-        if reference is None:
-            reference = kwargs.get("inputs_embeds")
-        batch_size = 1 if reference is None else reference.shape[0]
+        self._check_loaded()
+        # The rows, however they are passed: positionally or as `inputs=` (generate's own name), `input_ids=` or
+        # `inputs_embeds=`; with none of them, generate starts one row from the BOS token.
+        reference = args[0] if args else None
+        for key in ("inputs", "input_ids", "inputs_embeds"):
+            if reference is None:
+                reference = kwargs.get(key)
+        batch_size = reference.shape[0] if isinstance(reference, torch.Tensor) else 1
         strengths = self._strengths(alpha, batch_size)
         device = self.output_embeddings.weight.device
         strengths = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in strengths.items()}
@@ -496,6 +595,13 @@ class IAVModel(nn.Module):
         if kwargs.get("safe_serialization") is False:
             raise ValueError("iav-trl saves adapters as safetensors only; drop `safe_serialization=False`.")
         names = list(selected_adapters) if selected_adapters is not None else self.adapter_names
+        if not names:
+            raise ValueError(
+                "There is nothing to save: "
+                + ("`selected_adapters` is empty" if selected_adapters is not None else "this model has no adapters")
+                + f" (loaded: {self.adapter_names}). Pass adapter names, or add a head with `add_adapter(name, "
+                "config)` or `load_adapter(path, name)` first."
+            )
         self._check_known(names)
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; `save_pretrained` needs a directory.")

@@ -359,3 +359,51 @@ def test_the_seed_recipes_inference_max_length_reaches_generate_as_the_total_len
     assert (calls[0]["max_length"], calls[0]["max_new_tokens"]) == (96, None)
     cli_inference.generate(*parse_command_args("generate", ["--adapter", "out", "--prompt", "Hi"]))
     assert (calls[1]["max_length"], calls[1]["max_new_tokens"]) == (None, 128)
+
+
+def test_eval_reports_ties_and_win_rate_and_alpha_zero_is_all_ties_not_all_losses(tokenizer, tmp_path, capsys):
+    from iav_trl.cli_inference import evaluate
+
+    base_dir, adapter_dir, results_file = tmp_path / "base", tmp_path / "adapter", tmp_path / "eval.json"
+    tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model = get_iav_model(AutoModelForCausalLM.from_pretrained(base_dir), AlignmentHeadConfig(2, 4))
+    randomize_heads(model, seed=0, std=0.5)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    mixture = json.dumps({"datasets": [{"id": FIXTURE}], "test_split_size": 10, "seed": 0})
+    command_args = parse_command_args(
+        "eval",
+        ["--adapter", str(adapter_dir), "--dataset_mixture", mixture, "--alphas", "0", "2", "--max_length", "64",
+         "--per_device_eval_batch_size", "4", "--beta", "0.1", "--bf16", "false", "--results_file", str(results_file)],
+    )  # fmt: skip
+    results = evaluate(*command_args)
+    out = capsys.readouterr().out
+    assert "ties" in out and "win_rate" in out
+    assert json.loads(results_file.read_text())["results"] == results["results"]
+    rows = {row["alpha"]: row for row in results["results"]}
+    # alpha 0 is the base model: every pair's margin is exactly 0, a tie, so the win rate is one half.
+    assert rows[0.0]["accuracy"] == 0.0 and rows[0.0]["ties"] == 1.0 and rows[0.0]["win_rate"] == 0.5
+
+    # alpha 2, per pair, from plain log-softmaxes of full logits on the trainer's batches (z_base is the reference).
+    loaded = IAVModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    args = IAVConfig(output_dir=str(tmp_path / "ref"), beta=0.1, max_length=64, bf16=False, report_to=[])
+    test = load_splits(command_args[0], ["test"])["test"]
+    trainer = IAVTrainer(loaded, args=args, train_dataset=test, eval_dataset=test, processing_class=tokenizer)
+    margins = []
+    for batch in trainer.get_eval_dataloader():
+        inputs = trainer._prepare_inputs(batch)
+        labels, mask = inputs["input_ids"][:, 1:, None], inputs["completion_mask"][:, 1:].float()
+        with torch.no_grad():
+            logps = [
+                (loaded(inputs["input_ids"], attention_mask=inputs["attention_mask"], alpha=alpha).logits[:, :-1])
+                .log_softmax(-1).gather(-1, labels).squeeze(-1).mul(mask).sum(1)
+                for alpha in (2.0, 0.0)
+            ]  # fmt: skip
+        chosen, rejected = (0.1 * (logps[0] - logps[1])).chunk(2)
+        margins.append(chosen - rejected)
+    margins = torch.cat(margins)
+    assert len(margins) == results["num_pairs"] >= 3  # DPOTrainer drops the pairs whose prompt fills max_length
+    ties, wins = (margins == 0).float().mean().item(), (margins > 1e-6).float().mean().item()
+    assert rows[2.0]["ties"] == pytest.approx(ties) and rows[2.0]["win_rate"] == pytest.approx(wins + ties / 2)
+    assert rows[2.0]["ties"] < 1.0  # the head moves the rewards: the pairs are no longer tied

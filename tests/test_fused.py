@@ -149,3 +149,38 @@ def test_a_shared_gram_cache_follows_changes_of_the_unembedding(change):
     weighted_sum(reference_stats(LogitReadout(), weight, bias, hidden, reference_delta, labels), weights).backward()
     torch.testing.assert_close(ours.double(), reference_delta.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gram(weight).double(), weight.double().T @ weight.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "frozen_readout", "trainable_readout"])
+def test_statistics_are_float32_and_exact_under_bf16_autocast_with_a_bf16_backbone(mode):
+    from reference import randomize_heads
+
+    from iav_trl import AlignmentHeadConfig, get_iav_model
+    from iav_trl.tiny import tiny_causal_lm
+
+    base = tiny_causal_lm("llama", vocab_size=V * 4).to(torch.bfloat16)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(40.0)  # logits of tens of nats: bf16 rounding of them would show (~0.1)
+    model = get_iav_model(base, AlignmentHeadConfig(num_interventions=3, intervention_dim=8))
+    randomize_heads(model, std=0.2)
+    if mode == "trainable_readout":
+        base.lm_head.weight.requires_grad_(True)
+    ids = torch.randint(7, V * 4, (2, 9), generator=torch.Generator().manual_seed(8))
+    alpha = 1.5
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(mode != "no_grad"):
+        out = model(ids, labels=ids, alpha=alpha, fused_lm_head=True)
+        # The inputs the statistics are computed from, taken on their own: the bf16 hidden states and the offset.
+        with torch.no_grad():
+            hidden = base.model(ids).last_hidden_state[:, :-1].reshape(-1, base.config.hidden_size)
+            delta = alpha * model.alignment_heads["default"](hidden.float())
+    weight = base.lm_head.weight.detach()
+    ref = reference_stats(LogitReadout(), weight, torch.zeros(weight.shape[0]), hidden, delta, ids[:, 1:].reshape(-1))
+    ref["l2"] = ref["l2"] * V / weight.shape[0]  # `reference_stats` averages over this file's V, not 4 V
+    for name in ("log_probs", "ref_log_probs", "kl", "l2"):
+        ours = getattr(out, name)
+        assert ours.dtype == torch.float32, name
+        torch.testing.assert_close(ours.reshape(-1).double(), ref[name], rtol=1e-4, atol=2e-3, msg=name)
+    assert out.loss.dtype == torch.float32
+    if mode != "no_grad":
+        out.loss.backward()
+        assert all(p.grad is not None for p in model.alignment_heads.parameters())

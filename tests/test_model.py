@@ -4,6 +4,7 @@ evaluation of the documented head formula."""
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -324,3 +325,208 @@ def test_push_to_hub_uploads_the_saved_adapter(monkeypatch, input_ids):
     assert torch.equal(calls["weights"]["read.weight"], model.alignment_heads["default"].read.weight)
     with pytest.raises(Exception, match="repo"):
         model.push_to_hub("../../etc/passwd")
+
+
+# Families whose logit readout has a constant factor, each built tiny from its own transformers config, with the
+# factor the model's own forward applies written out here: `(config overrides, factor on W_U x, where)`. Granite
+# divides the logits by `logits_scaling`, HyperCLOVA X multiplies them by it, Cohere by `logit_scale`, Falcon-H1 by
+# `lm_head_multiplier`; MiniCPM3 divides the hidden state by `logits_scaling = hidden_size / dim_model_base` before
+# the LM head (so the head sees, and offsets, that scaled hidden state).
+SCALED_FAMILIES = {
+    "granite": (dict(logits_scaling=4.0, num_key_value_heads=2), 0.25),
+    "granitemoe": (dict(logits_scaling=4.0, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2), 0.25),
+    "hyperclovax": (dict(logits_scaling=4.0, num_key_value_heads=2), 4.0),
+    "cohere": (dict(logit_scale=0.5), 0.5),
+    "cohere2": (dict(logit_scale=0.5, num_key_value_heads=2), 0.5),
+    "falcon_h1": (dict(lm_head_multiplier=0.3, num_key_value_heads=2), 0.3),
+    "minicpm3": (dict(dim_model_base=8, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4), 1.0),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SCALED_FAMILIES))
+def test_scaled_readout_families_follow_the_models_own_logits_in_forward_and_fused_statistics(family):
+    from transformers import AutoConfig
+
+    overrides, factor = SCALED_FAMILIES[family]
+    config = AutoConfig.for_model(
+        family,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    lm_head_inputs = []
+    hook = base.get_output_embeddings().register_forward_pre_hook(lambda m, args: lm_head_inputs.append(args[0]))
+    with torch.no_grad():
+        expected = base(input_ids).logits
+    hook.remove()
+    weight = base.get_output_embeddings().weight
+    labels = input_ids[:, 1:].unsqueeze(-1)
+
+    model = get_iav_model(base, SMALL_HEAD)
+    randomize_heads(model, std=0.2)
+    with torch.no_grad():
+        a_t = reference_alignment(model.alignment_heads["default"], lm_head_inputs[0], weight, factor)
+        for alpha in (0.0, 1.0):
+            logits = model(input_ids, alpha=alpha).logits
+            torch.testing.assert_close(logits, expected + alpha * a_t, rtol=1e-4, atol=1e-5)
+            decomposed = model(input_ids, alpha=alpha, return_alignment=True)
+            torch.testing.assert_close(decomposed.base_logits, expected, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(decomposed.alignment_logits, alpha * a_t, rtol=1e-4, atol=1e-5)
+            fused = model(input_ids, labels=input_ids, alpha=alpha, fused_lm_head=True)
+            log_probs = (expected + alpha * a_t)[:, :-1].log_softmax(-1).gather(-1, labels).squeeze(-1)
+            ref_log_probs = expected[:, :-1].log_softmax(-1).gather(-1, labels).squeeze(-1)
+            torch.testing.assert_close(fused.log_probs, log_probs, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(fused.ref_log_probs, ref_log_probs, rtol=1e-4, atol=1e-5)
+        assert a_t.abs().max() > 1e-3  # the alignment is not trivially zero
+
+
+def _iav_hooks(base):
+    from iav_trl.model import _IAVHook
+
+    modules = (base, base.get_output_embeddings())
+    hooks = [h for m in modules for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+    return [h for h in hooks if isinstance(h, _IAVHook) or getattr(h, "__self__", None).__class__ is IAVModel]
+
+
+def test_unload_detaches_every_hook_restores_the_base_and_frees_the_iav_model(input_ids):
+    import gc
+    import weakref
+
+    base = tiny_causal_lm("llama", vocab_size=400).eval()
+    untouched = copy.deepcopy(base)
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}
+    model = get_iav_model(base, SMALL_HEAD)
+    randomize_heads(model)
+    assert not torch.equal(model(input_ids, alpha=1.0).logits, untouched(input_ids).logits)
+    assert not any(p.requires_grad for p in base.parameters())  # frozen while attached
+
+    restored = model.unload()
+    assert restored is base
+    assert _iav_hooks(base) == []
+    assert not base._forward_hooks and not base.get_output_embeddings()._forward_pre_hooks
+    assert {name: p.requires_grad for name, p in base.named_parameters()} == flags
+    assert torch.equal(base(input_ids).logits, untouched(input_ids).logits)
+    with pytest.raises(ValueError, match="unload"):
+        model(input_ids)
+    reference = weakref.ref(model)
+    del model
+    gc.collect()
+    assert reference() is None
+
+
+def test_a_second_iav_model_on_one_base_detaches_the_first_and_hooks_never_pile_up(input_ids, tmp_path, caplog):
+    import gc
+    import weakref
+
+    base = tiny_causal_lm("llama", vocab_size=400).eval()
+    untouched = copy.deepcopy(base)
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}
+    first = get_iav_model(base, SMALL_HEAD)
+    randomize_heads(first)
+    with caplog.at_level("WARNING", logger="iav_trl.model"):
+        second = get_iav_model(base, SMALL_HEAD)  # e.g. `IAVModel.from_pretrained(base, path)` after saving
+    assert "now detached" in caplog.text and "add_adapter" in caplog.text
+    assert len(_iav_hooks(base)) == 2  # the second's two hooks only
+    # The base serves the second (a fresh head: exactly the base model), the first refuses to run but still saves.
+    assert torch.equal(second(input_ids, alpha=1.0).logits, untouched(input_ids).logits)
+    with pytest.raises(ValueError, match="detached.*another IAVModel was attached.*load_adapter"):
+        first(input_ids)
+    with pytest.raises(ValueError, match="detached"):
+        first.generate(input_ids, max_new_tokens=2)
+    first.save_pretrained(tmp_path)
+    assert second.unload() is base  # with the flags the base had before the first froze it
+    assert {name: p.requires_grad for name, p in base.named_parameters()} == flags
+    assert IAVModel.from_pretrained(base, tmp_path).alignment_heads["default"].write.weight.abs().sum() > 0
+    # A dropped IAVModel is freed (the base holds it only weakly) and takes its hooks with it.
+    gc.collect()
+    assert _iav_hooks(base) == []
+    for _ in range(3):
+        get_iav_model(base, SMALL_HEAD)(input_ids, alpha=1.0)
+    gc.collect()
+    assert _iav_hooks(base) == []
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}  # frozen: the dropped ones never unloaded
+    third = get_iav_model(base, SMALL_HEAD)
+    reference = weakref.ref(third)
+    assert third.unload() is base and {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    del third
+    gc.collect()
+    assert reference() is None and _iav_hooks(base) == []
+
+
+def test_generate_counts_rows_from_inputs_passed_by_keyword(input_ids):
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
+    two_rows = input_ids[:2]
+    with pytest.raises(ValueError, match="has 3 values but the batch has 2 rows"):
+        model.generate(inputs=two_rows, alpha=[0.0, 1.0, 2.0], max_new_tokens=2)
+    # One value per row is accepted however the rows are passed, and equals the positional call.
+    expected = model.generate(two_rows, alpha=[0.0, 1.0], max_new_tokens=2, do_sample=False)
+    for key in ("inputs", "input_ids"):
+        out = model.generate(**{key: two_rows}, alpha=[0.0, 1.0], max_new_tokens=2, do_sample=False)
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("hidden_size", "32", "int"),
+        ("dropout", "0.1", "float"),
+        ("num_interventions", 2.0, "int"),
+        ("default_alpha", None, "float"),
+        ("inference_mode", "yes", "bool"),
+        ("base_model_name_or_path", 3, "str"),
+        ("base_model_fingerprint", [1], "dict"),
+    ],
+)
+def test_a_wrongly_typed_config_field_is_named_with_the_type_found_and_expected(tmp_path, field, value, expected):
+    found = type(value).__name__
+    with pytest.raises(TypeError, match=rf"`{field}` must be .*{expected}.*got {found} {re.escape(repr(value))}"):
+        AlignmentHeadConfig(**{field: value})
+    (tmp_path / "alignment_head_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(TypeError, match=rf"alignment_head_config.json.*`{field}` must be .*{expected}.*got {found}"):
+        AlignmentHeadConfig.from_pretrained(tmp_path)
+
+
+def test_adapter_names_with_a_dot_are_refused_by_the_name_check():
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
+    with pytest.raises(ValueError, match=r"Invalid adapter name 'v1\.2'.*'\.'"):
+        model.add_adapter("v1.2", SMALL_HEAD)
+    assert model.adapter_names == ["default"]
+
+
+def test_saving_a_model_without_adapters_says_there_is_nothing_to_save(tmp_path):
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
+    model.delete_adapter("default")
+    with pytest.raises(ValueError, match="nothing to save.*add_adapter"):
+        model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="nothing to save"):
+        get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD).save_pretrained(tmp_path, [])
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("alpha", [1e39, -1e39, 1e5, [1.0, 1e5, 1.0, 1.0], {"default": 2e4}])
+def test_alpha_beyond_the_documented_bound_is_refused_naming_the_bound(alpha, input_ids):
+    from iav_trl.alpha import ALPHA_LIMIT
+
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
+    randomize_heads(model)
+    with pytest.raises(ValueError, match=rf"\|alpha\| <= {ALPHA_LIMIT:g}"):
+        model(input_ids, alpha=alpha)
+    with pytest.raises(ValueError, match=rf"\|alpha\| <= {ALPHA_LIMIT:g}"):
+        model.generate(input_ids, alpha=alpha, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"{ALPHA_LIMIT:g}"):
+        AlignmentHeadConfig(default_alpha=1e39)
+    # At the bound itself the logits stay finite, even for a head with large weights.
+    assert torch.isfinite(model(input_ids, alpha=ALPHA_LIMIT).logits).all()
+    model.set_adapter({"default": ALPHA_LIMIT})  # alpha times the mixing weight is bounded too
+    with pytest.raises(ValueError, match=rf"adapter 'default' \(alpha times its mixing weight\).*<= {ALPHA_LIMIT:g}"):
+        model(input_ids, alpha=2.0)

@@ -365,3 +365,23 @@ def test_incompatible_peft_configs_and_sync_ref_model_are_refused(tokenizer, tmp
         )
     with pytest.raises(ValueError, match="sync_ref_model"):
         make_trainer(tokenizer, tmp_path, sync_ref_model=True)
+
+
+def test_one_seed_gives_bit_identical_initial_and_trained_heads_whatever_the_global_rng_state(tokenizer, tmp_path):
+    # The head is built (randomly initialised) in `IAVTrainer.__init__`: it must come from `args.seed`, not from
+    # whatever the global RNG happened to hold before the trainer was created.
+    heads = []
+    for disturbance in (1, 12345):
+        model = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+        torch.manual_seed(disturbance)
+        torch.rand(disturbance % 97 + 1)
+        trainer = make_trainer(tokenizer, tmp_path / str(disturbance), model=model, max_steps=2, learning_rate=1e-2)
+        initial = {k: v.clone() for k, v in trainer.model.alignment_heads.state_dict().items()}
+        trainer.train()
+        heads.append((initial, trainer.model.alignment_heads.state_dict()))
+    (initial_a, trained_a), (initial_b, trained_b) = heads
+    assert any(v.abs().sum() > 0 for v in initial_a.values())
+    for key in initial_a:
+        assert torch.equal(initial_a[key], initial_b[key]), key
+        assert torch.equal(trained_a[key], trained_b[key]), key
+    assert any(not torch.equal(initial_a[k], trained_a[k]) for k in initial_a)  # the two steps did train the head
