@@ -220,14 +220,29 @@ def recorded_source(path: str) -> dict[str, str] | None:
         return json.load(fh)
 
 
-def load_base_model(name_or_path: str, **model_init_kwargs: Any):
-    """The causal LM `name_or_path` names (any form above), loaded as TRL's `create_model_from_path` loads models."""
+def create_base_model(path: str, name: str, **kwargs: Any):
+    """
+    The causal LM at `path` (a resolved name, see `resolve_base_model`), loaded as TRL's `create_model_from_path`
+    loads models, under its `name`, which adapters record. A name that cannot be loaded (a typo, a Hub id missing from
+    the offline cache) is an `OSError` naming it and the forms a base may take.
+    """
     from trl.trainer.utils import create_model_from_path
 
-    path, kwargs, name = resolve_base_model(name_or_path, model_init_kwargs)
-    model = create_model_from_path(path, **kwargs)
-    model.config._name_or_path = name  # adapters record the base's name, not the cache directory
+    try:
+        model = create_model_from_path(path, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"Cannot load the base model {name!r} ({err}). Pass a Hub id (offline: one in the local Hub cache), a "
+            f"local checkpoint directory, a .gguf file, `org/repo:file.gguf` or `{PACKAGE_SCHEME}<module>/<file>`."
+        ) from err
+    model.config._name_or_path = name
     return model
+
+
+def load_base_model(name_or_path: str, **model_init_kwargs: Any):
+    """The causal LM `name_or_path` names (any form above), loaded as TRL's `create_model_from_path` loads models."""
+    path, kwargs, name = resolve_base_model(name_or_path, model_init_kwargs)
+    return create_base_model(path, name, **kwargs)
 
 
 def load_base_tokenizer(name_or_path: str, **kwargs: Any):

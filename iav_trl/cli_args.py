@@ -160,6 +160,11 @@ class GenerateArguments(AdapterArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"temperature must be >= 0 (0: greedy) and top_p in (0, 1] (1: no truncation); got temperature "
+                f"{self.temperature} and top_p {self.top_p}."
+            )
         if not self.prompt:
             raise ValueError('No prompt: pass --prompt "..." (repeat the flag for several prompts).')
 

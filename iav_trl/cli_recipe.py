@@ -226,7 +226,9 @@ class RecipeParser(TrlParser):
         if "adapter" in dests and "adapter" not in flat:
             model = flat.get("model_name_or_path", COMMAND_DEFAULTS["train"]["model_name_or_path"])
             flat["adapter"] = flat.get("output_dir") or default_output_dir(model)
-        return super().set_defaults_with_config(**{key: value for key, value in flat.items() if key in dests})
+        settings = {key: value for key, value in flat.items() if key in dests}
+        _check_types(self._actions, settings)
+        return super().set_defaults_with_config(**settings)
 
     def parse_known_args(self, args=None, namespace=None) -> tuple[Namespace, list[str]]:
         namespace, remaining = super().parse_known_args(args, namespace)
@@ -234,6 +236,31 @@ class RecipeParser(TrlParser):
         if model and getattr(namespace, "output_dir", ...) is None:
             namespace.output_dir = default_output_dir(model)
         return namespace, remaining
+
+
+def _check_types(actions: Sequence[Any], settings: Mapping[str, Any]) -> None:
+    """
+    Refuse recipe values of the wrong type, which argparse would take as they are (it converts strings from the
+    command line only): a number where a list belongs (`alphas: 1`), a fraction for an integer (`batch_size: 2.5`),
+    text for a number. Every problem is reported at once.
+    """
+    problems = []
+    for action in actions:
+        if action.dest not in settings or settings[action.dest] is None or action.type not in (int, float):
+            continue
+        value, kind = settings[action.dest], {int: "an int", float: "a float"}[action.type]
+        many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+        if many and not isinstance(value, list):
+            problems.append(f"{action.dest!r} must be a list (`{action.dest}: [{value}]`), got {value!r}")
+            continue
+        for item in value if many else [value]:
+            wrong_int = action.type is int and (isinstance(item, bool) or not isinstance(item, int))
+            wrong_float = action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float)))
+            if wrong_int or wrong_float:
+                problems.append(f"{action.dest!r} must be {kind}{' in each entry' if many else ''}, got {value!r}")
+                break
+    if problems:
+        raise RecipeError("Wrongly typed recipe values: " + "; ".join(problems) + ".")
 
 
 def make_parser(command: str, prog: str | None = None) -> RecipeParser:

@@ -19,9 +19,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
-from trl.trainer.utils import create_model_from_path
 
-from .base_models import resolve_base_model
+from .base_models import create_base_model, resolve_base_model
 from .callbacks import NonFiniteGuard
 from .config import AlignmentHeadConfig
 from .fingerprint import weights_fingerprint
@@ -160,10 +159,9 @@ class IAVTrainer(DPOTrainer):
                 model_init_kwargs["device_map"] = None  # one whole copy per process, as DPOTrainer loads it
             with PartialState().main_process_first():  # one process converts a GGUF base, the others reuse it
                 path, model_init_kwargs, name = resolve_base_model(model, model_init_kwargs)
-            model = create_model_from_path(path, **model_init_kwargs)
-            if path != name:  # a GGUF or package base: its tokenizer is in `path`, and the adapter records `name`
+            model = create_base_model(path, name, **model_init_kwargs)
+            if path != name:  # a GGUF or package base: TRL would look for its tokenizer under the name
                 processing_class = processing_class or AutoTokenizer.from_pretrained(path)
-                model.config._name_or_path = name
             quantization_config = None
             args.model_init_kwargs = None
         # The head is initialised randomly here, before `Trainer.__init__` seeds the RNG: seed it first, as Trainer

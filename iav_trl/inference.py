@@ -90,6 +90,12 @@ def encode_prompts(
     # A chat template writes the special tokens (BOS, ...) itself; plain text gets the tokenizer's usual ones.
     templated = bool(getattr(tokenizer, "chat_template", None))
     batch = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=not templated)
+    empty = [i for i, length in enumerate(batch["attention_mask"].sum(-1).tolist()) if length == 0]
+    if empty:  # nothing to condition on: the model would fail on an empty sequence
+        raise ValueError(
+            f"Prompt(s) {empty} are empty after formatting, and the tokenizer adds no chat template or BOS token, so "
+            "there is nothing to generate from. Pass non-empty prompts."
+        )
     return {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
 
 

@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
@@ -125,6 +130,15 @@ def resolve_adapter_file(
         )
     try:
         return hf_hub_download(name_or_path, filename, subfolder=subfolder, **hub_kwargs)
+    except (LocalEntryNotFoundError, RepositoryNotFoundError) as err:
+        # Caught before EntryNotFoundError, its parent class. 'outputs/my-head' is both a relative path and a valid
+        # repo id: say what was looked for, the local directory first.
+        raise FileNotFoundError(
+            f"No adapter at {name_or_path!r}: there is no directory of that name (relative to {os.getcwd()}), and "
+            f"the Hub repo {name_or_path!r} could not be read ({type(err).__name__}: offline, not in the local Hub "
+            "cache, or no such repo). If it is the output_dir of `iav-trl train`, run train first (or pass the "
+            "directory it wrote); for a Hub adapter, check the repo id and the network."
+        ) from err
     except (EntryNotFoundError, HFValidationError) as err:
         raise FileNotFoundError(f"No {filename} in the Hub repo {name_or_path!r} ({err}).") from err
 

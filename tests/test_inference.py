@@ -166,3 +166,10 @@ def test_prompt_given_both_ways_or_not_at_all_is_refused(iav_model, tokenizer):
         helper.generate("hi", prompt="hi")
     with pytest.raises(TypeError, match="Pass the prompt"):
         helper.generate(alpha=1.0)
+
+
+def test_an_empty_prompt_without_a_chat_template_is_refused_naming_it(iav_model, tokenizer):
+    plain = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>", eos_token="<|end|>")
+    helper = IAVInference(iav_model, plain)
+    with pytest.raises(ValueError, match=r"Prompt\(s\) \[1\] are empty"):
+        helper.generate(["How do I bake bread?", ""], max_new_tokens=2)

@@ -218,3 +218,20 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
     path.write_text("model:\n  name: org/m\n training:\n  beta: 0.1\n")  # line 3 is indented by one space
     with pytest.raises(ValueError, match=r"recipe.yaml, line 3, column 2: the recipe is not valid YAML"):
         parse_command_args("train", ["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("command", "recipe", "message"),
+    [
+        ("generate", {"alphas": 1}, r"'alphas' must be a list \(`alphas: \[1\]`\), got 1"),
+        ("train", {"per_device_train_batch_size": 2.5}, "'per_device_train_batch_size' must be an int, got 2.5"),
+        ("train", {"learning_rate": "fast"}, "'learning_rate' must be a float, got 'fast'"),
+        ("generate", {"top_p": 5}, r"top_p in \(0, 1\] \(1: no truncation\); got temperature 0.0 and top_p 5"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_or_range_are_refused_naming_the_key(tmp_path, command, recipe, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "out", "dataset_name": "data.jsonl", **recipe}))
+    extra = ["--prompt", "Hi"] if command == "generate" else []
+    with pytest.raises(ValueError, match=message):
+        parse_command_args(command, ["--config", str(path), *extra])

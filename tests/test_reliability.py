@@ -492,3 +492,20 @@ def test_adapter_names_subfolders_and_repo_ids_cannot_escape(tmp_path, monkeypat
         with pytest.raises(ValueError, match="neither an adapter directory nor a valid Hub repo id"):
             IAVModel.from_pretrained(fresh_base(), repo_id)
     assert os.listdir(tmp_path) == ["adapters"] and os.listdir(tmp_path / "adapters") == ["one"]
+
+
+def test_an_adapter_directory_that_does_not_exist_yet_says_to_run_train_first(tmp_path, monkeypatch):
+    from trl import ModelConfig
+
+    from iav_trl.cli_models import load_adapter_for_inference
+
+    monkeypatch.chdir(tmp_path)  # `outputs/never-trained` is a relative path and also a valid Hub repo id
+    with pytest.raises(FileNotFoundError, match=r"No adapter at 'outputs/never-trained'.*run train first"):
+        load_adapter_for_inference(ModelConfig(), "outputs/never-trained")
+
+
+def test_a_base_model_id_that_cannot_be_loaded_offline_is_named_in_the_error():
+    from iav_trl import load_base_model
+
+    with pytest.raises(OSError, match=r"(?s)Cannot load the base model 'me/no-such-model'.*package:<module>/<file>"):
+        load_base_model("me/no-such-model")
