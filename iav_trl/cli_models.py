@@ -10,7 +10,9 @@ weights are random, so its text is noise: it shows the workflow, not alignment.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +28,13 @@ from trl import ModelConfig, get_quantization_config
 from .base_models import load_base_model, load_base_tokenizer
 from .config import CONFIG_NAME, AlignmentHeadConfig
 from .iav_trainer import BACKBONE_DIR
-from .io import resolve_adapter_file
+from .io import atomic_write_text, resolve_adapter_file
 from .model import IAVModel
 from .tiny import TINY_ARCHITECTURES, preference_texts, save_tiny_checkpoint
 
 TINY_SCHEME = "tiny:"
 TINY_BASE_DIR = "tiny_base"
+TINY_MANIFEST = "iav_tiny_source.json"  # in tiny_base/: what it was built from, checked when it is reused
 QUANTIZATION_INSTALL = 'pip install "iav-trl[quantization]"'
 
 
@@ -50,8 +53,9 @@ def build_tiny_base(
 ) -> str:
     """
     Build `tiny:<family>`, a random `tiny_causal_lm` with a BPE tokenizer of `vocab_size` tokens trained on the text
-    of `dataset`, and save both to `path` like a Hub checkpoint. A checkpoint already at `path` is reused, so that a
-    resumed run trains the same model. Returns `path`.
+    of `dataset`, and save both to `path` like a Hub checkpoint, with a manifest of what it was built from (model,
+    sizes, a digest of the texts). A checkpoint already at `path` is reused when its manifest matches, so that a
+    resumed run trains the same model; one built for other settings or data is refused. Returns `path`.
     """
     family = model_name_or_path[len(TINY_SCHEME) :]
     if family not in TINY_ARCHITECTURES:
@@ -59,8 +63,30 @@ def build_tiny_base(
             f"Unknown tiny model {model_name_or_path!r}; use {TINY_SCHEME}<family> with a family among "
             f"{sorted(TINY_ARCHITECTURES)}."
         )
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        save_tiny_checkpoint(path, preference_texts(dataset), family, vocab_size, hidden_size, num_layers)
+    texts = list(preference_texts(dataset))
+    recipe = {
+        "model": model_name_or_path,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "data_sha256": hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest(),
+    }
+    manifest = os.path.join(path, TINY_MANIFEST)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        recorded = None
+        if os.path.isfile(manifest):
+            with open(manifest, encoding="utf-8") as fh:
+                recorded = json.load(fh)
+        if recorded != recipe:
+            raise ValueError(
+                f"{path} holds a tiny model built by an earlier `train` "
+                f"({'for another model or data: ' + str(recorded) if recorded else 'that did not record how'}), "
+                f"not for this run ({recipe}). A new run on it would silently train on the old model: delete {path}, "
+                "or choose another output_dir (resuming a run with its own settings reuses its model)."
+            )
+        return path
+    save_tiny_checkpoint(path, texts, family, vocab_size, hidden_size, num_layers)
+    atomic_write_text(manifest, json.dumps(recipe, indent=2) + "\n")
     return path
 
 

@@ -252,6 +252,24 @@ def test_an_unknown_tiny_family_is_refused(tmp_path):
         build_tiny_base("tiny:nope", None, str(tmp_path))
 
 
+def test_a_tiny_base_left_by_an_earlier_run_is_reused_only_for_the_same_model_and_data(tmp_path):
+    data = build_dataset_mixture({"datasets": [{"id": os.path.join(ROOT, FIXTURE)}], "seed": 0})
+    path = str(tmp_path / "tiny_base")
+    build_tiny_base("tiny:llama", data.select(range(20)), path, vocab_size=300, hidden_size=32)
+    with open(os.path.join(path, "model.safetensors"), "rb") as fh:
+        weights = fh.read()
+    build_tiny_base("tiny:llama", data.select(range(20)), path, vocab_size=300, hidden_size=32)  # a resumed run
+    with open(os.path.join(path, "model.safetensors"), "rb") as fh:
+        assert fh.read() == weights
+    with pytest.raises(ValueError, match=r"built by an earlier `train` \(for another model or data.*delete"):
+        build_tiny_base("tiny:llama", data.select(range(20, 36)), path, vocab_size=300, hidden_size=32)
+    with pytest.raises(ValueError, match="for another model or data"):
+        build_tiny_base("tiny:qwen2", data.select(range(20)), path, vocab_size=300, hidden_size=32)
+    os.remove(os.path.join(path, "iav_tiny_source.json"))  # a tiny_base written before the manifest existed
+    with pytest.raises(ValueError, match="that did not record how"):
+        build_tiny_base("tiny:llama", data.select(range(20)), path, vocab_size=300, hidden_size=32)
+
+
 def test_dataset_mixture_flag_takes_json():
     script_args, *_ = parse_command_args(
         "train", ["--dataset_mixture", '{"datasets": [{"id": "a.jsonl"}], "seed": 1}']
