@@ -95,4 +95,8 @@ def train(script_args: IAVScriptArguments, training_args: IAVConfig, model_args:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Alignment head pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    # Under `accelerate launch`, end the process group on every rank once all are done (trackers too): a process
+    # exiting with a live gloo/NCCL group (or DeepSpeed communicator) can abort in C++ at interpreter shutdown.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return trainer

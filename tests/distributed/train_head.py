@@ -147,6 +147,11 @@ def main() -> None:
     save_file(head, os.path.join(cli.facts_dir, f"rank{rank}.safetensors"))
     with open(os.path.join(cli.facts_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(facts, fh, indent=1)
+    # Tear the process group down on every rank once all are done: a process that exits with its gloo group (and
+    # DeepSpeed's communicator) still alive can abort in C++ at interpreter shutdown ("terminate called without an
+    # active exception"), which made the ZeRO-3 launch fail about once in four runs.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
