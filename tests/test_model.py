@@ -257,6 +257,23 @@ def test_loading_onto_a_differently_named_base_warns(tmp_path, caplog):
     assert "'org/base-a' but is loaded onto 'org/base-b'" in caplog.text
 
 
+def test_a_head_loaded_onto_other_weights_is_caught_whatever_the_names(tmp_path, caplog):
+    def unnamed_base(shift: float = 0.0):
+        model = tiny_causal_lm("llama", vocab_size=400)  # seeded: the same weights each time
+        model.config._name_or_path = ""  # built in memory: no name to compare
+        with torch.no_grad():
+            model.get_input_embeddings().weight.add_(shift)  # the first weight: always sampled
+        return model
+
+    get_iav_model(unnamed_base(), SMALL_HEAD).save_pretrained(tmp_path)
+    IAVModel.from_pretrained(unnamed_base(), tmp_path, strict=True)  # the same weights: loads
+    with caplog.at_level("WARNING"):
+        IAVModel.from_pretrained(unnamed_base(shift=0.1), tmp_path)
+    assert "has other weights" in caplog.text and "strict=True" in caplog.text
+    with pytest.raises(ValueError, match="has other weights.*Load it onto the base it was trained on"):
+        IAVModel.from_pretrained(unnamed_base(shift=0.1), tmp_path, strict=True)
+
+
 def test_one_base_directory_named_by_relative_and_absolute_paths_does_not_warn(tmp_path, caplog, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny_causal_lm("llama", vocab_size=400).save_pretrained(tmp_path / "base")
