@@ -41,7 +41,7 @@ bench-train:
 bench-alignment:
 	OMP_NUM_THREADS=2 python benchmarks/alignment_benchmark.py
 
-# SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (../shared/data): about 45 minutes on 2 cores.
+# SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (../shared/data): 1 h 50 min on 2 cores shared with other jobs.
 bench-real-data:
 	OMP_NUM_THREADS=2 python benchmarks/real_data_benchmark.py
 
