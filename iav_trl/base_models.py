@@ -32,12 +32,13 @@ import shutil
 import tempfile
 from typing import Any
 
+from .io import is_repo_id
+
 PACKAGE_SCHEME = "package:"
 GGUF_SUFFIX = ".gguf"
 SOURCE_FILE = "iav_base_source.json"  # in a converted checkpoint: the name it was converted from
 GGUF_INSTALL = "pip install gguf"  # transformers' GGUF reader
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def gguf_cache_dir() -> str:
@@ -103,9 +104,9 @@ def gguf_path(name_or_path: str, gguf_file: str | None = None, **hub_kwargs: Any
             ggufs = sorted(f for f in os.listdir(repo) if f.endswith(GGUF_SUFFIX))
             raise FileNotFoundError(f"{repo} has no GGUF file {file!r}; it has {ggufs}.")
         return path
-    if not _REPO_ID.match(repo):
+    if not is_repo_id(repo):
         raise FileNotFoundError(
-            f"Cannot find the GGUF file {file!r}: {repo!r} is neither a local directory nor a Hub repo id (org/name)."
+            f"Cannot find the GGUF file {file!r}: {repo!r} is neither a local directory nor a Hub repo id."
         )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -208,7 +209,7 @@ def hub_model_id(name: str | None) -> str | None:
     if not name or name.startswith(PACKAGE_SCHEME) or os.path.exists(name):
         return None
     repo = name.rpartition(":")[0] if ":" in name else name
-    return repo if _REPO_ID.match(repo) else None
+    return repo if is_repo_id(repo) else None
 
 
 def recorded_source(path: str) -> dict[str, str] | None:
