@@ -318,11 +318,14 @@ def evaluate_dataset(
     dpo = load_trained("dpo_lora", tuning["dpo_lora"]["_dir"], load_model(config.model))
     arm = load_trained("genarm", tuning["genarm"]["_dir"], load_model(config.model))
     progress(clock, f"{label}: held-out implicit rewards")
+    # DPO's reference is a base model of its own: `DPOTrainer` patches its reference model's `forward`.
+    reference = load_model(config.model)
     rewards = {
         "iav": heldout_metrics("iav", iav, tokenizer, heldout, config, config.iav_alphas),
-        "dpo_lora": heldout_metrics("dpo_lora", dpo, tokenizer, heldout, config)[0],
+        "dpo_lora": heldout_metrics("dpo_lora", dpo, tokenizer, heldout, config, base=reference)[0],
         "genarm": heldout_metrics("genarm", arm, tokenizer, heldout, config)[0],
     }
+    del reference
     clock(f"{label}: held-out implicit rewards")
     dpo, arm = dpo.merge_and_unload().eval(), arm.merge_and_unload().eval()
     alpha = config.genarm_alpha

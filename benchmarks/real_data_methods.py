@@ -90,19 +90,27 @@ def build_trainer(
     config,
     output_dir: str,
     learning_rate: float = 0.0,
+    ref_model: PreTrainedModel | None = None,
 ) -> DPOTrainer:
     """
     The method's trainer. A plain base model gets a fresh head (IAV) or `LORA` adapter (DPO, GenARM); a trained
     `IAVModel` or `PeftModel` is evaluated as it is.
+
+    A trained `PeftModel` needs `ref_model`, the untouched base model, for DPO: given a pretrained adapter and no
+    reference, `DPOTrainer` makes a frozen copy of that adapter its reference ("ref"), so that every held-out reward
+    would be exactly 0.
     """
     args = _arguments(config, method, output_dir, learning_rate)
     kwargs = dict(args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
     if method == "iav":
         trainer = IAVTrainer(model, **kwargs)
     else:
+        trained = isinstance(model, PeftModel)
+        if trained and method == "dpo_lora" and ref_model is None:
+            raise ValueError("Evaluating a trained DPO adapter needs `ref_model`, the untouched base model.")
         trainer_class = DPOTrainer if method == "dpo_lora" else ReferenceFreeDPOTrainer
-        peft_config = None if isinstance(model, PeftModel) else LoraConfig(**LORA)
-        trainer = trainer_class(model, peft_config=peft_config, **kwargs)
+        peft_config = None if trained else LoraConfig(**LORA)
+        trainer = trainer_class(model, ref_model=ref_model, peft_config=peft_config, **kwargs)
     trainer.remove_callback(PrinterCallback)
     return trainer
 
@@ -188,14 +196,18 @@ def heldout_metrics(
     heldout: Dataset,
     config,
     alphas: Sequence[float] = (1.0,),
+    base: PreTrainedModel | None = None,
 ) -> list[dict[str, Any]]:
     """
     `trainer.evaluate(heldout)`'s implicit-reward accuracy and margin. For IAV, at each of `alphas`, as `iav-trl
     eval` does it: the trainer applies the head at its training alpha times the adapter weight, so weight
     `alpha / training alpha` evaluates at `alpha` (0: the base model, every reward exactly 0). One row per alpha.
+    DPO's rewards are measured against `base`, an untouched base model (its reference in training) that no other
+    code calls: `DPOTrainer` patches its reference model's `forward`.
     """
+    reference = base if method == "dpo_lora" else None
     with tempfile.TemporaryDirectory(prefix=f"real-data-eval-{method}-") as output_dir:
-        trainer = build_trainer(method, model, tokenizer, heldout, heldout, config, output_dir)
+        trainer = build_trainer(method, model, tokenizer, heldout, heldout, config, output_dir, ref_model=reference)
         if method != "iav":
             return [reward_metrics(trainer.evaluate())]
         adapter, rows = model.active_adapter, []

@@ -25,7 +25,17 @@ from real_data_benchmark import (  # noqa: E402
     split_sizes,
     write,
 )
-from real_data_methods import METHODS, genarm_scorer, iav_scorer, model_scorer, train_isolated  # noqa: E402
+from real_data_methods import (  # noqa: E402
+    METHODS,
+    genarm_scorer,
+    heldout_metrics,
+    iav_scorer,
+    load_model,
+    load_trained,
+    model_scorer,
+    train_isolated,
+    train_run,
+)
 
 from iav_trl import get_iav_model, load_preference_dataset  # noqa: E402
 from iav_trl.base_models import load_base_model, load_base_tokenizer  # noqa: E402
@@ -207,6 +217,26 @@ def test_a_spawned_training_run_reports_its_own_time_and_memory(tiny_model, tmp_
     assert run["steps"] == 2 and run["train_seconds"] > 0
     assert run["abs_peak_mb"] >= run["rss_before_train_mb"] > 0
     assert os.path.isfile(tmp_path / "alignment_head.safetensors")
+
+
+@pytest.mark.parametrize("method", ["dpo_lora", "genarm"])
+def test_a_reloaded_adapter_is_scored_as_the_trainer_that_trained_it(tiny_model, tmp_path, method):
+    """
+    The held-out path (adapter saved, loaded into a fresh base, evaluated by a new trainer) against the training
+    trainer's own evaluation of the same pairs: same rewards, and not all 0 (a reloaded DPO adapter evaluated without
+    the base as reference is scored against a copy of itself, every margin exactly 0).
+    """
+    tokenizer = load_base_tokenizer(tiny_model)
+    pairs, _ = load_pairs(HH, tokenizer, 128)
+    config = RealDataConfig(model=tiny_model, max_length=128, batch_size=4, eval_batch_size=4)
+    validation = pairs.select(range(8, 12))
+    run = train_run(config, method, 5e-2, pairs.select(range(8)), validation, str(tmp_path))
+    model = load_trained(method, str(tmp_path), load_model(tiny_model))
+    (row,) = heldout_metrics(method, model, tokenizer, validation, config, base=load_model(tiny_model))
+    expected = run["validation"]
+    assert abs(expected["margin"]) > 1e-3
+    for key in ("accuracy", "margin", "chosen_reward", "rejected_reward"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
 
 def test_scorers_give_the_distribution_each_method_samples_from(tiny_model):
