@@ -51,8 +51,13 @@ def load_model(name: str) -> PreTrainedModel:
     return load_base_model(name, dtype="float32").eval()
 
 
-def _arguments(config, method: str, output_dir: str, learning_rate: float) -> DPOConfig:
-    """Every method's trainer arguments: the same pairs per step, epochs, schedule, beta and maximum length."""
+def _arguments(
+    config, method: str, output_dir: str, learning_rate: float, iav_settings: dict[str, Any] | None = None
+) -> DPOConfig:
+    """
+    Every method's trainer arguments: the same pairs per step, epochs, schedule, beta and maximum length.
+    `iav_settings`: `IAVConfig` fields of the head and the IAV loss that differ from the defaults.
+    """
     common = dict(
         output_dir=output_dir,
         beta=config.beta,
@@ -76,7 +81,7 @@ def _arguments(config, method: str, output_dir: str, learning_rate: float) -> DP
         dataloader_num_workers=0,
     )
     if method == "iav":
-        return IAVConfig(**common)  # the default head (K=8, r=256) and loss weights
+        return IAVConfig(**common, **(iav_settings or {}))
     # GenARM's reference-free loss rides on DPOTrainer's precomputed-reference path (see `ReferenceFreeDPOTrainer`).
     return DPOConfig(**common, precompute_ref_log_probs=method == "genarm")
 
@@ -91,6 +96,7 @@ def build_trainer(
     output_dir: str,
     learning_rate: float = 0.0,
     ref_model: PreTrainedModel | None = None,
+    iav_settings: dict[str, Any] | None = None,
 ) -> DPOTrainer:
     """
     The method's trainer. A plain base model gets a fresh head (IAV) or `LORA` adapter (DPO, GenARM); a trained
@@ -100,7 +106,7 @@ def build_trainer(
     reference, `DPOTrainer` makes a frozen copy of that adapter its reference ("ref"), so that every held-out reward
     would be exactly 0.
     """
-    args = _arguments(config, method, output_dir, learning_rate)
+    args = _arguments(config, method, output_dir, learning_rate, iav_settings)
     kwargs = dict(args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
     if method == "iav":
         trainer = IAVTrainer(model, **kwargs)
@@ -133,7 +139,13 @@ def quiet() -> None:
 
 
 def train_run(
-    config, method: str, learning_rate: float, train: Dataset, validation: Dataset, save_dir: str
+    config,
+    method: str,
+    learning_rate: float,
+    train: Dataset,
+    validation: Dataset,
+    save_dir: str,
+    iav_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
     Train `method` at `learning_rate` on `train` and evaluate it on `validation` (the method's own implicit reward at
@@ -145,7 +157,15 @@ def train_run(
     tokenizer = load_base_tokenizer(config.model)
     with tempfile.TemporaryDirectory(prefix=f"real-data-{method}-") as output_dir:
         trainer = build_trainer(
-            method, load_model(config.model), tokenizer, train, validation, config, output_dir, learning_rate
+            method,
+            load_model(config.model),
+            tokenizer,
+            train,
+            validation,
+            config,
+            output_dir,
+            learning_rate,
+            iav_settings=iav_settings,
         )
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         release_memory()
@@ -201,7 +221,8 @@ def heldout_metrics(
     """
     `trainer.evaluate(heldout)`'s implicit-reward accuracy and margin. For IAV, at each of `alphas`, as `iav-trl
     eval` does it: the trainer applies the head at its training alpha times the adapter weight, so weight
-    `alpha / training alpha` evaluates at `alpha` (0: the base model, every reward exactly 0). One row per alpha.
+    `alpha / training alpha` evaluates at `alpha` (0: the base model, every reward exactly 0). One row per alpha,
+    with IAV's `completion_kl`: the mean over the pairs' completion tokens of KL(p_final || p_base), teacher-forced.
     DPO's rewards are measured against `base`, an untouched base model (its reference in training) that no other
     code calls: `DPOTrainer` patches its reference model's `forward`.
     """
@@ -213,7 +234,8 @@ def heldout_metrics(
         adapter, rows = model.active_adapter, []
         for alpha in alphas:
             model.set_adapter({adapter: alpha / trainer._iav.alpha})
-            rows.append({"alpha": alpha, **reward_metrics(trainer.evaluate())})
+            metrics = trainer.evaluate()
+            rows.append({"alpha": alpha, **reward_metrics(metrics), "completion_kl": metrics["eval_iav/kl"]})
         model.set_adapter({adapter: 1.0})
     return rows
 
