@@ -525,18 +525,21 @@ def _quality_table(figures: dict[str, Any]) -> list[str]:
     kl, tuning, heldout = {row["setting"]: row for row in figures["kl"]}, figures["tuning"], figures["heldout"]
     genarm = next(setting for setting in kl if setting.startswith("GenARM"))
     lines = [
-        "| method | setting | held-out accuracy | mean margin | KL/token to base "
+        "| method | setting | held-out accuracy | mean margin | KL/token to base | KL/token on the pairs "
         "| learning rate (validation accuracy) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in heldout["iav"]:
         setting = f"alpha={row['alpha']:g}"
-        lines.append(f"| IAV | {setting} | {_rewards(row)} | {_kl(kl[f'IAV {setting}'])} | {_chosen(tuning['iav'])} |")
+        lines.append(
+            f"| IAV | {setting} | {_rewards(row)} | {_kl(kl[f'IAV {setting}'])} | {row['completion_kl']:.4f} "
+            f"| {_chosen(tuning['iav'])} |"
+        )
     dpo = heldout["dpo_lora"]
-    lines.append(f"| DPO + LoRA | - | {_rewards(dpo)} | {_kl(kl['DPO + LoRA'])} | {_chosen(tuning['dpo_lora'])} |")
+    lines.append(f"| DPO + LoRA | - | {_rewards(dpo)} | {_kl(kl['DPO + LoRA'])} | - | {_chosen(tuning['dpo_lora'])} |")
     lines.append(
         f"| GenARM | {genarm.split()[-1]} (its reward model's implicit reward) | {_rewards(heldout['genarm'])} "
-        f"| {_kl(kl[genarm])} | {_chosen(tuning['genarm'])} |"
+        f"| {_kl(kl[genarm])} | - | {_chosen(tuning['genarm'])} |"
     )
     return lines
 
@@ -624,7 +627,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config['batch_size']}, {config['epochs']:g} epoch(s), beta {config['beta']:g}; learning rates chosen on "
         f"the validation split. CPU, {results['environment']['threads']} threads, fp32; "
         f"{results['wall_time_s']['total'] / 60:.0f} minutes in all. KL: {config['kl_prompts']} held-out prompts x "
-        f"{config['kl_samples']} samples at temperature 1, up to {config['kl_new_tokens']} tokens each.",
+        f"{config['kl_samples']} samples at temperature 1, up to {config['kl_new_tokens']} tokens each. KL on the "
+        "pairs: IAV's KL(p_final || p_base) per completion token of the held-out pairs, teacher-forced.",
     ]
     for dataset, label in DATASETS.items():
         lines += _dataset_section(label, results["datasets"][dataset], results["data"][dataset], config)

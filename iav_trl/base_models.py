@@ -23,6 +23,7 @@ GGUF or package name keeps that name as `config._name_or_path`, so an adapter tr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -121,7 +122,14 @@ def gguf_path(name_or_path: str, gguf_file: str | None = None, **hub_kwargs: Any
         ) from err
 
 
-def file_sha256(path: str, chunk_size: int = 1 << 22) -> str:
+def file_sha256(path: str) -> str:
+    """The file's SHA-256, read once per process while its size and modification time stay the same."""
+    stat = os.stat(path)
+    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int, chunk_size: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(chunk_size):

@@ -1,5 +1,6 @@
 """Loading a base model and adapters by Hub repo id, offline, from a local Hugging Face cache (as after a download)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from reference import randomize_heads
 from safetensors.torch import load_file
 
 from iav_trl import AlignmentHeadConfig, get_iav_model
+from iav_trl.base_models import file_sha256
 from iav_trl.tiny import tiny_causal_lm
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -66,3 +68,16 @@ def test_a_repo_id_missing_from_the_offline_cache_fails_with_a_clear_error(token
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "me/absent" in out.stderr.splitlines()[-1]
+
+
+def test_a_gguf_digest_is_read_once_and_again_when_the_file_changes(tmp_path):
+    """The digest that keys a GGUF conversion is remembered per process, but never outlives the file's contents."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"first" * 1000)
+    assert file_sha256(str(path)) == hashlib.sha256(b"first" * 1000).hexdigest()
+    assert file_sha256(str(path)) == hashlib.sha256(b"first" * 1000).hexdigest()
+    path.write_bytes(b"second" * 1000)
+    assert file_sha256(str(path)) == hashlib.sha256(b"second" * 1000).hexdigest()
+    link = tmp_path / "link.gguf"
+    os.symlink(path, link)
+    assert file_sha256(str(link)) == hashlib.sha256(b"second" * 1000).hexdigest()
