@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from .io import is_repo_id
+from .io import cache_dir, is_repo_id
 
 PACKAGE_SCHEME = "package:"
 GGUF_SUFFIX = ".gguf"
@@ -44,8 +44,7 @@ _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def gguf_cache_dir() -> str:
     """Where converted GGUF bases live: `$IAV_TRL_CACHE/gguf`, by default `~/.cache/iav_trl/gguf`."""
-    root = os.environ.get("IAV_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iav_trl")
-    return os.path.join(root, "gguf")
+    return cache_dir("gguf")
 
 
 def is_gguf_name(name_or_path: Any, gguf_file: str | None = None) -> bool:

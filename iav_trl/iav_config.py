@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from .config import AlignmentHeadConfig
+from .features import FEATURES_DTYPES
+from .kl_control import AdaptiveKLController
 
 
 @dataclass
@@ -44,11 +46,32 @@ class IAVConfig(DPOConfig):
     lambda_l2 (`float`, *optional*, defaults to `0.01`):
         Weight of `L_L2`, the mean over completion tokens of `(1/V) ||z_final - z_base||_2^2`, the squared RMS of the
         applied alignment logits (`||a_t||^2 / V` at `alpha = 1`). Raise it to keep alignment vectors small.
+    target_kl (`float` or `None`, *optional*, defaults to `None`):
+        The KL per completion token, `L_KL` at the training alpha, that the standard strength should land at. When
+        set, `lambda_kl` is only the starting value: after every optimizer step it is scaled up while `L_KL` is above
+        the target and down while below (PPO's adaptive KL coefficient, see `iav_trl.kl_control`), and logged as
+        `iav/lambda_kl`. `None` keeps `lambda_kl` fixed.
+    kl_horizon (`float`, *optional*, defaults to `10.0`):
+        How fast an adaptive `lambda_kl` moves: at most a factor `1 +- 0.2 / kl_horizon` per optimizer step.
     freeze_backbone (`bool`, *optional*, defaults to `True`):
         Train only the head. The reference policy is then `z_base` of the same forward pass: no reference model, no
         second forward, no backward through the backbone. Set to `False` to also fine-tune the backbone (full
         fine-tuning, or pass a `peft.LoraConfig` as `peft_config` for LoRA on the backbone); the reference is then the
         untouched base model and a step costs what a DPO step costs.
+
+    > Parameters that control cached backbone features
+
+    precompute_backbone_features (`bool`, *optional*, defaults to `False`):
+        Run the frozen backbone ONCE over the training and evaluation datasets before training, keep the hidden
+        states of the scored (completion) positions, and train every epoch and evaluate from them: the backbone's
+        share of a step is then paid once per example, however many epochs (and, as the cache is kept on disk keyed
+        by the dataset and the backbone, however many runs over the same data). The IAV counterpart of
+        `precompute_ref_log_probs`. A pair needs `(completion tokens) x hidden_size x bytes` (see
+        `iav_trl.features.feature_cache_bytes`; logged before the pass). Needs a frozen backbone without dropout
+        and map-style datasets; refused otherwise, with what to do instead.
+    backbone_features_dtype (`str`, *optional*, defaults to `"float32"`):
+        dtype of the cached features: `"float32"`, or `"auto"` for the backbone's own (bf16 halves the cache; the
+        head then trains on exactly what a bf16 backbone's pass would give it).
 
     > Defaults that differ from `DPOConfig` (those of the IAV paper's seed recipe)
 
@@ -72,8 +95,26 @@ class IAVConfig(DPOConfig):
     alpha: float = field(default=1.0, metadata={"help": "Alignment strength during training (z_base + alpha a_t)."})
     lambda_kl: float = field(default=1.0, metadata={"help": "Weight of KL(p_final || p_base)."})
     lambda_l2: float = field(default=0.01, metadata={"help": "Weight of the squared RMS of the alignment logits."})
+    target_kl: float | None = field(
+        default=None,
+        metadata={"help": "KL per completion token at the training alpha to aim for; lambda_kl then adapts."},
+    )
+    kl_horizon: float = field(
+        default=10.0, metadata={"help": "Optimizer steps over which an adaptive lambda_kl moves by up to a factor 1.2."}
+    )
     freeze_backbone: bool = field(
         default=True, metadata={"help": "Train only the alignment head (the reference is z_base of the same pass)."}
+    )
+    precompute_backbone_features: bool = field(
+        default=False,
+        metadata={"help": "Run the frozen backbone once over the datasets and train every epoch from its features."},
+    )
+    backbone_features_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the cached features: 'float32' or 'auto' (the backbone's).",
+            "choices": ["float32", "auto"],
+        },
     )
 
     def __post_init__(self):
@@ -85,6 +126,17 @@ class IAVConfig(DPOConfig):
             raise ValueError(
                 f"`alpha` must be finite and non-zero during training (the head gets no gradient at 0), got "
                 f"{self.alpha}. Use 1.0, the standard strength."
+            )
+        if self.target_kl is not None:
+            AdaptiveKLController(self.lambda_kl, self.target_kl, self.kl_horizon)  # validates the three
+        if self.backbone_features_dtype not in FEATURES_DTYPES:
+            raise ValueError(
+                f"`backbone_features_dtype` must be one of {FEATURES_DTYPES}, got {self.backbone_features_dtype!r}."
+            )
+        if self.precompute_backbone_features and not self.freeze_backbone:
+            raise ValueError(
+                "`precompute_backbone_features=True` caches a frozen backbone's pass, but `freeze_backbone=False` "
+                "trains the backbone. Keep `freeze_backbone=True`, or set `precompute_backbone_features=False`."
             )
         self.alignment_head_config()  # validates num_interventions, intervention_dim and head_dropout
         super().__post_init__()

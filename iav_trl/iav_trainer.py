@@ -10,12 +10,14 @@ from types import SimpleNamespace
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, enable_full_determinism, set_seed
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainerState
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
@@ -23,6 +25,14 @@ from trl.trainer import dpo_trainer as dpo_trainer_module
 from .base_models import create_base_model, resolve_base_model
 from .callbacks import NonFiniteGuard
 from .config import AlignmentHeadConfig
+from .features import (
+    FEATURE_COLUMNS,
+    BackboneFeatureCollator,
+    active_dropout,
+    cache_backbone_features,
+    check_features_apply,
+    features_dtype,
+)
 from .fingerprint import weights_fingerprint
 from .iav_config import IAVConfig
 from .input_checks import (
@@ -33,6 +43,7 @@ from .input_checks import (
     named_datasets,
 )
 from .io import atomic_write, atomic_write_text, checkpoint_problem, last_complete_checkpoint
+from .kl_control import AdaptiveKLController
 from .model import IAVModel, _is_peft
 from .model_card import build_model_card
 
@@ -169,6 +180,15 @@ class IAVTrainer(DPOTrainer):
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model = self._attach_head(model, peft_config)
         trainable_backbone = any(p.requires_grad for p in model.base_model.parameters())
+        if self._iav.precompute_backbone_features:
+            check_features_apply(
+                trainable_backbone=trainable_backbone,
+                peft=_is_peft(model.base_model),
+                ref_model=ref_model is not None,
+                datasets=named,
+                dropout=active_dropout(model.get_base_model(), args.disable_dropout),
+                sharded="FSDP" if args.fsdp else ("DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else None),
+            )
         if trainable_backbone and not _is_peft(model.base_model) and ref_model is None:
             # Full fine-tuning: the reference is a frozen copy of the backbone as it was before training.
             ref_model = copy.deepcopy(model.get_base_model()).requires_grad_(False).eval()
@@ -214,8 +234,14 @@ class IAVTrainer(DPOTrainer):
             self.aux_loss_enabled = False  # a frozen MoE router needs no load-balancing loss
         _keep_4bit_weights_trainable(self.model)
         check_not_emptied(sizes, named_datasets(self.train_dataset, self.eval_dataset), args.max_length)
+        if self._iav.precompute_backbone_features:
+            self._cache_backbone_features()
         if not any(isinstance(callback, NonFiniteGuard) for callback in self.callback_handler.callbacks):
             self.add_callback(NonFiniteGuard())
+        self.kl_controller = None
+        if self._iav.target_kl is not None:
+            self.kl_controller = AdaptiveKLController(self._iav.lambda_kl, self._iav.target_kl, self._iav.kl_horizon)
+            self.add_callback(self.kl_controller)
 
     def _attach_head(self, model, peft_config) -> IAVModel:
         head_config = IAVConfig.alignment_head_config(self._iav)  # also for a plain DPOConfig, from the defaults
@@ -244,6 +270,64 @@ class IAVTrainer(DPOTrainer):
         # With PEFT, the wrapper has already frozen what LoRA does not train.
         freeze = self._iav.freeze_backbone and not _is_peft(model)
         return IAVModel(model, head_config, freeze_backbone=freeze)
+
+    def _cache_backbone_features(self) -> None:
+        """
+        Replace the datasets by copies that carry their cached backbone features (`iav_trl.features`), and the
+        collator by one that hands them to the model: from here on no training or evaluation step runs the backbone.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        dtype = features_dtype(self._iav.backbone_features_dtype, model.get_base_model().dtype)
+        hidden_size = model.output_embeddings.weight.shape[1]
+        device = self.accelerator.device
+        state = PartialState()
+
+        def compute(batch: dict) -> torch.Tensor:
+            input_ids, completion_mask = batch["input_ids"].to(device), batch["completion_mask"].to(device)
+            labels = input_ids.masked_fill(completion_mask == 0, -100)
+            return model.scored_hidden_states(input_ids, batch["attention_mask"].to(device), labels).cpu()
+
+        def share(fingerprint: str) -> str:
+            shared = [fingerprint]
+            broadcast_object_list(shared, from_process=0)
+            return shared[0]
+
+        settings = dict(
+            compute=compute,
+            collator=self.data_collator,
+            hidden_size=hidden_size,
+            dtype=dtype,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
+            model_fingerprint=(
+                model.get_base_model().config._name_or_path,
+                weights_fingerprint(model.get_base_model()),
+            ),
+            process_index=state.process_index,
+            num_processes=state.num_processes,
+            share=share,
+            wait_for_everyone=state.wait_for_everyone,
+        )
+        batch_size = self.args.precompute_ref_batch_size
+        self.train_dataset = cache_backbone_features(
+            self.train_dataset, "train", batch_size=batch_size or self.args.per_device_train_batch_size, **settings
+        )
+        eval_batch_size = batch_size or self.args.per_device_eval_batch_size
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                name: cache_backbone_features(dataset, name, batch_size=eval_batch_size, **settings)
+                for name, dataset in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = cache_backbone_features(
+                self.eval_dataset, "eval", batch_size=eval_batch_size, **settings
+            )
+        self.data_collator = BackboneFeatureCollator(self.data_collator, dtype, hidden_size)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._iav.precompute_backbone_features and not set(FEATURE_COLUMNS) <= set(self._signature_columns):
+            self._signature_columns = [*self._signature_columns, *FEATURE_COLUMNS]
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if self._reference_in_policy_pass:
@@ -277,12 +361,17 @@ class IAVTrainer(DPOTrainer):
         count = mask.sum().clamp(min=1)
         kl = (fused.kl * mask).sum() / count
         l2 = (fused.l2 * mask).sum() / count
-        loss = pref_loss + self._iav.lambda_kl * kl + self._iav.lambda_l2 * l2
+        lambda_kl = self._iav.lambda_kl if self.kl_controller is None else self.kl_controller.value
+        loss = pref_loss + lambda_kl * kl + self._iav.lambda_l2 * l2
 
         gather = self.accelerator.gather_for_metrics
         norm = (fused.alignment_norm * mask).sum() / count
         for key, value in (("pref_loss", pref_loss), ("kl", kl), ("l2", l2), ("alignment_norm", norm)):
             self._metrics[mode][f"iav/{key}"].append(gather(value.detach()).mean().item())
+        if self.kl_controller is not None:
+            self._metrics[mode]["iav/lambda_kl"].append(lambda_kl)
+            if mode == "train":
+                self.kl_controller.observe(self._metrics[mode]["iav/kl"][-1])
         return (loss, outputs) if return_outputs else loss
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -331,6 +420,16 @@ class IAVTrainer(DPOTrainer):
                 f"Cannot resume from {resume_from_checkpoint}: {problem}. Delete it (so that "
                 f"`resume_from_checkpoint=True` skips it) and {advice}."
             )
+        if self.kl_controller is not None:
+            saved = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            controller = saved.stateful_callbacks.get(type(self.kl_controller).__name__)
+            if controller is None:
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint} with `target_kl` set: the checkpoint was trained "
+                    "with a fixed `lambda_kl`, so it holds no adaptive value to continue from. Resume with "
+                    "`target_kl=None`, or start over."
+                )
+            self.kl_controller.value = controller["attributes"]["value"]
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         for name in model.adapter_names:
             model._load_head_weights(name, resume_from_checkpoint, None if name == "default" else name, {})
@@ -357,9 +456,12 @@ class IAVTrainer(DPOTrainer):
             return
         model = self.accelerator.unwrap_model(self.model)
         a = self._iav
+        lambda_kl = f"lambda_kl {a.lambda_kl}"
+        if self.kl_controller is not None:
+            lambda_kl += f" adapted to {self.kl_controller.value:.4g} for a target KL of {a.target_kl} per token"
         summary = (
             f"Trained with `IAVTrainer` (loss types {self.loss_types}, beta {self.beta}, alpha {a.alpha}, "
-            f"lambda_kl {a.lambda_kl}, lambda_l2 {a.lambda_l2}, learning rate {self.args.learning_rate}, "
+            f"{lambda_kl}, lambda_l2 {a.lambda_l2}, learning rate {self.args.learning_rate}, "
             f"{self.state.global_step} steps)."
         )
         datasets = [dataset_name] if dataset_name else self._dataset_names()

@@ -32,6 +32,12 @@ OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
 RNG_STATE_PATTERN = "rng_state*.pth"
 
 
+def cache_dir(kind: str) -> str:
+    """iav-trl's cache of `kind` (`gguf`, `features`): `$IAV_TRL_CACHE/<kind>`, by default `~/.cache/iav_trl/...`."""
+    root = os.environ.get("IAV_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iav_trl")
+    return os.path.join(root, kind)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """
     Produce `path` by calling `write(tmp_path)` on a temporary file next to it, then renaming it into place.

@@ -452,7 +452,8 @@ class IAVModel(nn.Module):
             return_alignment: also return `base_logits` (`z_base`) and `alignment_logits`
                 (`sum_i alpha_i a_t^(i)`, so that `logits == base_logits + alignment_logits`).
             fused_lm_head: with `labels`, return an `IAVFusedOutput` of per-token statistics instead of logits
-                (TRL's fused LM head protocol; used by `IAVTrainer`).
+                (TRL's fused LM head protocol; used by `IAVTrainer`). `backbone_features=` (the `(N, d)` output of
+                `scored_hidden_states`) then stands for the frozen backbone's pass, which is skipped.
             labels: next-token labels (-100 = ignored); the loss is the model's own causal-LM loss on `z_final`.
         """
         self._check_loaded()
@@ -463,6 +464,8 @@ class IAVModel(nn.Module):
             if labels is None:
                 raise ValueError("`fused_lm_head=True` needs `labels` (the next-token targets, -100 = ignored).")
             return self._fused_forward(input_ids, attention_mask, labels, strengths, **kwargs)
+        if kwargs.get("backbone_features") is not None:
+            raise ValueError("`backbone_features` replace the backbone's pass only with `fused_lm_head=True`.")
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         with self._applying(strengths, decompose=return_alignment) as call:
             outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -478,36 +481,73 @@ class IAVModel(nn.Module):
             )
         return outputs
 
+    def _lm_head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states as the LM head receives them (MiniCPM3 scales them, see `readout`)."""
+        return hidden * self.readout.input_scale if self.readout.input_scale != 1.0 else hidden
+
+    @torch.no_grad()
+    def scored_hidden_states(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, labels: torch.LongTensor
+    ) -> torch.Tensor:
+        """
+        The frozen backbone's hidden states `h_t` (as the LM head receives them) at the scored positions: those whose
+        next-token label is not -100, in row-major order, `(N, d)`. Everything the head's training step needs from
+        the backbone; `forward(..., fused_lm_head=True, backbone_features=...)` takes them instead of a pass.
+        """
+        self._check_loaded()
+        causal_lm = self.get_base_model()
+        outputs = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = self._lm_head_input(outputs.last_hidden_state)
+        return hidden[:, :-1][labels[:, 1:].to(hidden.device) != -100]
+
     def _fused_forward(
         self,
         input_ids: torch.LongTensor | None,
         attention_mask: torch.Tensor | None,
         labels: torch.LongTensor,
         strengths: dict[str, float | torch.Tensor],
+        backbone_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> IAVFusedOutput:
-        """One backbone pass, then the chunked statistics of `iav_trl.fused` on the scored positions."""
+        """
+        One backbone pass, then the chunked statistics of `iav_trl.fused` on the scored positions. With
+        `backbone_features` (the `(N, d)` hidden states of the scored positions, as `scored_hidden_states` returns
+        them, e.g. from `IAVConfig.precompute_backbone_features`'s cache) the backbone does not run at all.
+        """
         kwargs["use_cache"] = False
         kwargs.pop("num_items_in_batch", None)
         causal_lm = self.get_base_model()
         backbone_trainable = any(p.requires_grad for p in self.base_model.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trainable):
-            backbone_outputs = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            hidden = backbone_outputs.last_hidden_state
-            if self.readout.input_scale != 1.0:  # what the LM head receives (MiniCPM3 scales it, see `readout`)
-                hidden = hidden * self.readout.input_scale
-        aux_loss = None
-        if kwargs.pop("output_router_logits", False):
-            aux_loss = _load_balancing_loss(causal_lm, backbone_outputs.router_logits, attention_mask)
-        ref_hidden = None
-        if _is_peft(self.base_model):
-            # The reference is the untouched base model: PEFT adapters off, no alignment.
-            with torch.no_grad(), self.base_model.disable_adapter():
-                ref_hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                ref_hidden = ref_hidden.last_hidden_state[:, :-1] * self.readout.input_scale
-        labels = labels[:, 1:].to(hidden.device)
-        mask = labels != -100
-        scored = hidden[:, :-1][mask]  # (N, d)
+        aux_loss = ref_hidden = None
+        if backbone_features is not None:
+            if backbone_trainable or _is_peft(self.base_model):
+                raise ValueError(
+                    "`backbone_features` stand for a frozen backbone's pass, but this backbone is trained (LoRA or "
+                    "full fine-tuning). Drop them, or freeze the backbone."
+                )
+            labels = labels[:, 1:].to(backbone_features.device)
+            mask = labels != -100
+            if backbone_features.shape[0] != int(mask.sum()):
+                raise ValueError(
+                    f"The batch has {int(mask.sum())} scored positions but {backbone_features.shape[0]} cached "
+                    "backbone features: they were computed for other sequences (another tokenizer, `max_length` or "
+                    "truncation). Recompute them (a new trainer does, for its own datasets)."
+                )
+            scored = backbone_features
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trainable):
+                backbone_outputs = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                hidden = self._lm_head_input(backbone_outputs.last_hidden_state)
+            if kwargs.pop("output_router_logits", False):
+                aux_loss = _load_balancing_loss(causal_lm, backbone_outputs.router_logits, attention_mask)
+            if _is_peft(self.base_model):
+                # The reference is the untouched base model: PEFT adapters off, no alignment.
+                with torch.no_grad(), self.base_model.disable_adapter():
+                    ref_hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                    ref_hidden = self._lm_head_input(ref_hidden.last_hidden_state[:, :-1])
+            labels = labels[:, 1:].to(hidden.device)
+            mask = labels != -100
+            scored = hidden[:, :-1][mask]  # (N, d)
         if strengths:
             rows = mask.nonzero()[:, 0]
             token_strengths = {

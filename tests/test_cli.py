@@ -425,3 +425,13 @@ def test_eval_reports_ties_and_win_rate_and_alpha_zero_is_all_ties_not_all_losse
     ties, wins = (margins == 0).float().mean().item(), (margins > 1e-6).float().mean().item()
     assert rows[2.0]["ties"] == pytest.approx(ties) and rows[2.0]["win_rate"] == pytest.approx(wins + ties / 2)
     assert rows[2.0]["ties"] < 1.0  # the head moves the rewards: the pairs are no longer tied
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "eval"])
+def test_every_command_prints_its_help_with_every_field(command):
+    """argparse formats each field's help text (a stray `%` in one breaks `--help` for the whole command)."""
+    result = iav_trl(command, "--help")
+    assert "--output_dir" in result.stdout or "--adapter" in result.stdout
+    if command == "train":
+        for flag in ("--lambda_kl", "--target_kl", "--precompute_backbone_features", "--backbone_features_dtype"):
+            assert flag in result.stdout

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
@@ -72,12 +73,14 @@ def launch_env(request, tmp_path_factory):
     return env
 
 
-def launch(config: str, overrides: list[str], model_dir: Path, tmp_path: Path, env: dict) -> tuple[list, list]:
+def launch(
+    config: str, overrides: list[str], model_dir: Path, tmp_path: Path, env: dict, script_args: tuple = ()
+) -> tuple[list, list]:
     """Run `train_head.py` under `accelerate launch`; return each rank's facts and head tensors, by rank."""
     facts_dir = tmp_path / "facts"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
     command += [*overrides, str(SCRIPT), "--model_dir", str(model_dir)]
-    command += ["--output_dir", str(tmp_path / "adapter"), "--facts_dir", str(facts_dir)]
+    command += ["--output_dir", str(tmp_path / "adapter"), "--facts_dir", str(facts_dir), *script_args]
     # A session of its own, so that a hung run is killed with every process torchrun started.
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -154,6 +157,21 @@ def test_two_process_run_is_distributed_and_saves_the_whole_head_once(run, model
     loaded = IAVModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
     for name, param in loaded.alignment_heads["default"].state_dict().items():
         assert param.equal(heads[0][name]), name
+
+
+def test_ddp_trains_from_cached_backbone_features_as_from_the_backbone(model_dir, launch_env, tmp_path):
+    """Each process caches its own shard of the pairs; training then never runs the backbone, and ends with the head
+    a run without the cache trains."""
+    config, overrides = RUNS["ddp"][:2]
+    env = dict(launch_env, IAV_TRL_CACHE=str(tmp_path / "cache"))
+    _, plain = launch(config, overrides, model_dir, tmp_path / "plain", env)
+    facts, cached = launch(config, overrides, model_dir, tmp_path / "cached", env, ("--precompute_backbone_features",))
+    assert [f["rows"] for f in facts] == [[], []]  # no backbone pass in training
+    assert [f["global_step"] for f in facts] == [2, 2]
+    assert len(os.listdir(tmp_path / "cache" / "features")) == 2  # one shard per process
+    for name, value in plain[0].items():
+        torch.testing.assert_close(cached[0][name], value, rtol=1e-5, atol=1e-6)
+        assert cached[1][name].equal(cached[0][name])
 
 
 @pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))

@@ -3,7 +3,8 @@ Train an alignment head for a few steps on every process of an `accelerate launc
 saw. Launched by `tests/test_distributed.py`:
 
     accelerate launch --config_file accelerate_configs/<x>.yaml tests/distributed/train_head.py \
-        --model_dir <tiny model + tokenizer> --output_dir <adapter dir> --facts_dir <dir>
+        --model_dir <tiny model + tokenizer> --output_dir <adapter dir> --facts_dir <dir> \
+        [--precompute_backbone_features]
 
 Each rank writes `<facts_dir>/rank<i>.json` (world size, the wrapper around the model, the distributed type, the
 decoded rows its backbone ran on, the files it wrote under `output_dir`, ...) and `<facts_dir>/rank<i>.safetensors`
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--facts_dir", required=True)
+    parser.add_argument("--precompute_backbone_features", action="store_true")
     cli = parser.parse_args()
 
     # The config comes first: under ZeRO-3 with `zero3_init_flag` it makes `from_pretrained` partition the weights.
@@ -95,6 +97,7 @@ def main() -> None:
         seed=0,
         bf16=False,
         use_cpu=True,
+        precompute_backbone_features=cli.precompute_backbone_features,
     )
     plugin = args.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:
