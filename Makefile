@@ -4,7 +4,8 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install quickstart quickstart-tiny test quality bench-decode bench-train bench-alignment bench-real-data dpo-suite
+.PHONY: install quickstart quickstart-tiny test quality bench-decode bench-train bench-alignment bench-real-data \
+	bench-head-study bench-feature-cache dpo-suite
 
 install:
 	python -m pip install torch==2.13.0
@@ -44,6 +45,14 @@ bench-alignment:
 # SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (../shared/data): 1 h 50 min on 2 cores shared with other jobs.
 bench-real-data:
 	OMP_NUM_THREADS=2 python benchmarks/real_data_benchmark.py
+
+# The head's design on the same model and pairs (validation split only): 35 min on 2 cores.
+bench-head-study:
+	OMP_NUM_THREADS=2 python benchmarks/head_design_study.py
+
+# Cached backbone features and target_kl on the same model, 3 epochs, against IAV without the cache and DPO + LoRA.
+bench-feature-cache:
+	OMP_NUM_THREADS=2 python benchmarks/feature_cache.py
 
 # TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer (needs a git copy of huggingface/trl in TRL_GIT):
 # first the test file as it is, then with its "every parameter changed" checks restricted to trainable parameters.

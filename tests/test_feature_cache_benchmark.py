@@ -1,0 +1,38 @@
+"""The feature-cache benchmark (`benchmarks/feature_cache.py`) end to end on a tiny random model and the fixtures."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from feature_cache import VARIANTS, FeatureCacheConfig, benchmark, markdown  # noqa: E402
+from test_real_data_benchmark import HH, MINIATURE, ULTRAFEEDBACK, tiny_model  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model, tmp_path_factory):  # noqa: F811
+    settings = {k: v for k, v in MINIATURE.items() if k in FeatureCacheConfig.__dataclass_fields__}
+    settings.update(epochs=2.0, iav_learning_rate=1e-2, dpo_learning_rate=1e-2, target_kl=0.01)
+    output_dir = str(tmp_path_factory.mktemp("results"))
+    paths = dict(hh_rlhf=HH, ultrafeedback=ULTRAFEEDBACK, output_dir=output_dir)
+    config = FeatureCacheConfig(model=tiny_model, **paths, **settings)
+    return benchmark(config)
+
+
+def test_every_variant_trains_the_same_steps_and_the_bar_is_computed(results):
+    runs = results["runs"]
+    assert list(runs) == list(VARIANTS)
+    assert len({run["steps"] for run in runs.values()}) == 1 and runs["iav"]["steps"] > 0
+    assert all(run["total_seconds"] >= run["construction_seconds"] > 0 for run in runs.values())
+    assert set(results["bar"]) == {"cached_vs_uncached", "cached_vs_dpo_lora", "target_kl_sampled_within_20_percent"}
+    ratio = runs["iav_cached"]["total_seconds"] / runs["iav"]["total_seconds"]
+    assert results["bar"]["cached_vs_uncached"]["ratio"] == pytest.approx(ratio)
+    assert runs["iav_target_kl"]["final_lambda_kl"] != 1.0  # the controller moved lambda_kl (default start: 1.0)
+    kl = results["target_kl"]
+    assert kl["sampled"]["stepwise_kl_per_token"] > 0 and kl["teacher_forced_on_heldout_pairs"] > 0
+    report = markdown(results)
+    for variant in VARIANTS:
+        assert f"| {variant} |" in report
