@@ -279,7 +279,9 @@ class IAVTrainer(DPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         dtype = features_dtype(self._iav.backbone_features_dtype, model.get_base_model().dtype)
         hidden_size = model.output_embeddings.weight.shape[1]
-        device = self.accelerator.device
+        if self.is_deepspeed_enabled:  # ZeRO-1/2 leave the model on the CPU until the engine is built; it fits
+            model.to(self.accelerator.device)
+        device = model.get_base_model().device
         state = PartialState()
 
         def compute(batch: dict) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 
-from iav_trl import IAVConfig, IAVTrainer
+from iav_trl import AlignmentHeadConfig, IAVConfig, IAVTrainer, get_iav_model
 from iav_trl.features import FEATURE_COLUMNS, feature_cache_bytes
 from iav_trl.tiny import tiny_causal_lm
 
@@ -193,3 +193,18 @@ def test_a_trained_backbone_and_a_bad_dtype_are_refused_by_the_config():
         IAVConfig(output_dir="x", precompute_backbone_features=True, freeze_backbone=False)
     with pytest.raises(ValueError, match="backbone_features_dtype"):
         IAVConfig(output_dir="x", backbone_features_dtype="float16")
+
+
+def test_features_for_other_sequences_or_without_the_fused_head_are_refused(tokenizer):
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), AlignmentHeadConfig(**HEAD))
+    input_ids = torch.randint(3, 100, (2, 7))
+    labels = input_ids.masked_fill(torch.arange(7) < 4, -100)  # 3 scored positions per row
+    features = model.scored_hidden_states(input_ids, None, labels)
+    assert features.shape == (6, 32)
+    outputs = model(input_ids, labels=labels, fused_lm_head=True, backbone_features=features)
+    expected = model(input_ids, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(outputs.log_probs, expected.log_probs)
+    with pytest.raises(ValueError, match="6 scored positions but 5 cached"):
+        model(input_ids, labels=labels, fused_lm_head=True, backbone_features=features[:5])
+    with pytest.raises(ValueError, match="only with `fused_lm_head=True`"):
+        model(input_ids, backbone_features=features)
