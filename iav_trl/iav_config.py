@@ -46,6 +46,13 @@ class IAVConfig(DPOConfig):
     lambda_l2 (`float`, *optional*, defaults to `0.01`):
         Weight of `L_L2`, the mean over completion tokens of `(1/V) ||z_final - z_base||_2^2`, the squared RMS of the
         applied alignment logits (`||a_t||^2 / V` at `alpha = 1`). Raise it to keep alignment vectors small.
+    lambda_kl_sweep (`list[float]` or `None`, *optional*, defaults to `None`):
+        Train one head per value in this one run, every head from the same backbone pass per batch (or the same
+        cache, see `precompute_backbone_features`): heads `lambda_kl_0`, `lambda_kl_1`, ... with that `lambda_kl`,
+        saved as named adapters, their metrics logged as `<head>/<metric>`, each head's gradient clipped on its own
+        (so each trains as its own run would). With an `eval_dataset`, every evaluation chooses the head with the
+        highest reward accuracy, ties broken by the lowest preference loss (`IAVTrainer.choose_best_head`); it
+        becomes the active adapter and `sweep.json` records all of them. Replaces `lambda_kl`.
     target_kl (`float` or `None`, *optional*, defaults to `None`):
         The KL per completion token, `L_KL` at the training alpha, that the standard strength should land at. When
         set, `lambda_kl` is only the starting value: after every optimizer step it is scaled up while `L_KL` is above
@@ -95,12 +102,17 @@ class IAVConfig(DPOConfig):
     alpha: float = field(default=1.0, metadata={"help": "Alignment strength during training (z_base + alpha a_t)."})
     lambda_kl: float = field(default=1.0, metadata={"help": "Weight of KL(p_final || p_base)."})
     lambda_l2: float = field(default=0.01, metadata={"help": "Weight of the squared RMS of the alignment logits."})
+    lambda_kl_sweep: list[float] | None = field(
+        default=None,
+        metadata={"help": "Train one head per lambda_kl value in this one run, from the same backbone pass."},
+    )
     target_kl: float | None = field(
         default=None,
         metadata={"help": "KL per completion token at the training alpha to aim for; lambda_kl then adapts."},
     )
     kl_horizon: float = field(
-        default=10.0, metadata={"help": "Optimizer steps over which an adaptive lambda_kl moves by up to a factor 1.2."}
+        default=10.0,
+        metadata={"help": "Optimizer steps over which an adaptive lambda_kl moves by up to a factor 1.2."},
     )
     freeze_backbone: bool = field(
         default=True, metadata={"help": "Train only the alignment head (the reference is z_base of the same pass)."}
@@ -129,6 +141,20 @@ class IAVConfig(DPOConfig):
             )
         if self.target_kl is not None:
             AdaptiveKLController(self.lambda_kl, self.target_kl, self.kl_horizon)  # validates the three
+        if self.lambda_kl_sweep is not None:
+            values = self.lambda_kl_sweep
+            if not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in values):
+                raise ValueError(f"`lambda_kl_sweep` must be a non-empty list of finite numbers >= 0, got {values}.")
+            if self.target_kl is not None:
+                raise ValueError(
+                    "`lambda_kl_sweep` and `target_kl` both set `lambda_kl`: a sweep tries fixed values, `target_kl` "
+                    "adapts one. Choose one."
+                )
+            if not self.freeze_backbone:
+                raise ValueError(
+                    "`lambda_kl_sweep` trains independent heads over one frozen backbone pass, but "
+                    "`freeze_backbone=False` would train the backbone with all of them. Keep `freeze_backbone=True`."
+                )
         if self.backbone_features_dtype not in FEATURES_DTYPES:
             raise ValueError(
                 f"`backbone_features_dtype` must be one of {FEATURES_DTYPES}, got {self.backbone_features_dtype!r}."

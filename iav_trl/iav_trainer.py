@@ -48,6 +48,12 @@ from .model import IAVModel, _is_peft
 from .model_card import build_model_card
 
 BACKBONE_DIR = "backbone"
+SWEEP_FILE = "sweep.json"
+
+
+def sweep_head_name(index: int) -> str:
+    """The adapter name of the `index`-th value of `lambda_kl_sweep`."""
+    return f"lambda_kl_{index}"
 
 
 def _keep_4bit_weights_trainable(model: nn.Module) -> None:
@@ -238,6 +244,16 @@ class IAVTrainer(DPOTrainer):
             self._cache_backbone_features()
         if not any(isinstance(callback, NonFiniteGuard) for callback in self.callback_handler.callbacks):
             self.add_callback(NonFiniteGuard())
+        # `lambda_kl_sweep`: head name -> its lambda_kl (empty without a sweep).
+        self.sweep = {sweep_head_name(i): value for i, value in enumerate(self._iav.lambda_kl_sweep or ())}
+        self.best_head = None
+        self._sweep_metrics: dict[str, dict[str, float]] = {}
+        if self.sweep and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(
+                "`lambda_kl_sweep` clips each head's gradient on its own, so that the heads train as separate runs "
+                "would; DeepSpeed and FSDP clip the gradient of all parameters together. Use DDP (or one process), "
+                "or train the values in separate runs."
+            )
         self.kl_controller = None
         if self._iav.target_kl is not None:
             self.kl_controller = AdaptiveKLController(self._iav.lambda_kl, self._iav.target_kl, self._iav.kl_horizon)
@@ -246,6 +262,11 @@ class IAVTrainer(DPOTrainer):
     def _attach_head(self, model, peft_config) -> IAVModel:
         head_config = IAVConfig.alignment_head_config(self._iav)  # also for a plain DPOConfig, from the defaults
         if isinstance(model, IAVModel):
+            if self._iav.lambda_kl_sweep:
+                raise ValueError(
+                    "`lambda_kl_sweep` attaches one new head per value, but an `IAVModel` (with its heads) was "
+                    "passed. Pass the base model instead."
+                )
             if peft_config is not None:
                 raise ValueError(
                     "You passed an `IAVModel` together with a `peft_config`. The model already has its alignment "
@@ -269,7 +290,17 @@ class IAVTrainer(DPOTrainer):
             )
         # With PEFT, the wrapper has already frozen what LoRA does not train.
         freeze = self._iav.freeze_backbone and not _is_peft(model)
-        return IAVModel(model, head_config, freeze_backbone=freeze)
+        model = IAVModel(model, head_config, freeze_backbone=freeze)
+        if self._iav.lambda_kl_sweep:
+            if _is_peft(model.base_model):
+                raise ValueError(
+                    "`lambda_kl_sweep` trains independent heads over one frozen backbone pass, but a LoRA backbone "
+                    "would be trained by all of them at once. Drop the `peft.LoraConfig`, or `lambda_kl_sweep`."
+                )
+            for index in range(len(self._iav.lambda_kl_sweep)):
+                model.add_adapter(sweep_head_name(index), head_config)
+            model.delete_adapter("default")
+        return model
 
     def _cache_backbone_features(self) -> None:
         """
@@ -326,6 +357,48 @@ class IAVTrainer(DPOTrainer):
             )
         self.data_collator = BackboneFeatureCollator(self.data_collator, dtype, hidden_size)
 
+    def _clip_grad_norm(self, model):
+        """With `lambda_kl_sweep`, each head's gradient is clipped on its own (the heads train as separate runs
+        would); the norm returned is that of all of them together, as `Trainer` reports it."""
+        if not self.sweep:
+            return super()._clip_grad_norm(model)
+        heads = self.accelerator.unwrap_model(model).alignment_heads
+        norms = [torch.nn.utils.clip_grad_norm_(heads[name].parameters(), self.args.max_grad_norm) for name in heads]
+        return torch.stack(norms).norm()
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """`DPOTrainer.evaluate`; with `lambda_kl_sweep`, also choose the best head (`choose_best_head`)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.sweep:
+            datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
+            # Several evaluation sets are logged as `<prefix>_<set>_...`: the first one chooses.
+            prefix = f"{metric_key_prefix}_{next(iter(datasets))}" if isinstance(datasets, dict) else metric_key_prefix
+            self.choose_best_head(metrics, prefix)
+        return metrics
+
+    def choose_best_head(self, metrics: dict[str, float], prefix: str = "eval") -> str:
+        """
+        The sweep's rule: the head with the highest `<prefix>_<head>/rewards/accuracies` on the evaluation set (the
+        first one, when there are several), ties broken by the lowest `<prefix>_<head>/iav/pref_loss` (the
+        preference loss alone: the heads' KL weights differ).
+        It becomes the active adapter and `best_head`; `sweep.json` (written with the model) records every head.
+        """
+
+        def score(name: str) -> tuple[float, float]:
+            return (metrics[f"{prefix}_{name}/rewards/accuracies"], -metrics[f"{prefix}_{name}/iav/pref_loss"])
+
+        self.best_head = max(self.sweep, key=score)
+        self._sweep_metrics = {
+            name: {
+                key[len(f"{prefix}_{name}/") :]: value
+                for key, value in metrics.items()
+                if key.startswith(f"{prefix}_{name}/")
+            }
+            for name in self.sweep
+        }
+        self.accelerator.unwrap_model(self.model).set_adapter(self.best_head)
+        return self.best_head
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self._iav.precompute_backbone_features and not set(FEATURE_COLUMNS) <= set(self._signature_columns):
@@ -337,12 +410,46 @@ class IAVTrainer(DPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`L_pref` from `DPOTrainer`, plus `lambda_kl * L_KL + lambda_l2 * L_L2` (see the class docstring)."""
+        """
+        `L_pref` from `DPOTrainer`, plus `lambda_kl * L_KL + lambda_l2 * L_L2` (see the class docstring). With
+        `lambda_kl_sweep`, the sum over the heads of each head's own loss, from one backbone pass (or the cache).
+        """
+        if not self.sweep:
+            lambda_kl = self._iav.lambda_kl if self.kl_controller is None else self.kl_controller.value
+            return self._head_loss(model, inputs, return_outputs, num_items_in_batch, self._iav.alpha, lambda_kl)
+        if "backbone_features" not in inputs:  # the one backbone pass every head reads
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            features = self.accelerator.unwrap_model(model).scored_hidden_states(
+                inputs["input_ids"], inputs["attention_mask"], labels
+            )
+            inputs = {**inputs, "backbone_features": features}
+        mode = "train" if self.model.training else "eval"
+        total, outputs = 0.0, None
+        for index, (name, lambda_kl) in enumerate(self.sweep.items()):
+            before = {key: len(values) for key, values in self._metrics[mode].items()}
+            last = index == len(self.sweep) - 1  # TRL's `return_outputs` costs a full pass: once, for the last head
+            result = self._head_loss(
+                model, inputs, return_outputs and last, num_items_in_batch, {name: self._iav.alpha}, lambda_kl
+            )
+            loss, outputs = result if return_outputs and last else (result, None)
+            for key in list(self._metrics[mode]):  # this head's metrics, under `<head>/<metric>`
+                if key.split("/", 1)[0] in self.sweep:
+                    continue
+                values = self._metrics[mode][key]
+                self._metrics[mode][f"{name}/{key}"].extend(values[before.get(key, 0) :])
+                del values[before.get(key, 0) :]
+                if not values:
+                    del self._metrics[mode][key]
+            total = total + loss
+        return (total, outputs) if return_outputs else total
+
+    def _head_loss(self, model, inputs, return_outputs, num_items_in_batch, alpha, lambda_kl):
+        """One head's (or, with `alpha` a float, the active heads') loss at strength `alpha` and weight `lambda_kl`."""
         mode = "train" if self.model.training else "eval"
         fused_outputs = []
 
         def policy(*args, **kwargs):
-            kwargs.setdefault("alpha", self._iav.alpha)
+            kwargs.setdefault("alpha", alpha)
             outputs = model(*args, **kwargs)
             if kwargs.get("fused_lm_head"):
                 fused_outputs.append(outputs)
@@ -363,7 +470,6 @@ class IAVTrainer(DPOTrainer):
         count = mask.sum().clamp(min=1)
         kl = (fused.kl * mask).sum() / count
         l2 = (fused.l2 * mask).sum() / count
-        lambda_kl = self._iav.lambda_kl if self.kl_controller is None else self.kl_controller.value
         loss = pref_loss + lambda_kl * kl + self._iav.lambda_l2 * l2
 
         gather = self.accelerator.gather_for_metrics
@@ -405,6 +511,16 @@ class IAVTrainer(DPOTrainer):
                 prefix = "base_model."
                 backbone_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
             model.base_model.save_pretrained(os.path.join(output_dir, BACKBONE_DIR), state_dict=backbone_state)
+        if self.sweep:
+            record = {
+                "rule": "highest eval rewards/accuracies, then lowest eval iav/pref_loss (choose_best_head)",
+                "best_head": self.best_head,
+                "heads": {
+                    name: {"lambda_kl": value, "eval": self._sweep_metrics.get(name)}
+                    for name, value in self.sweep.items()
+                },
+            }
+            atomic_write_text(os.path.join(output_dir, SWEEP_FILE), json.dumps(record, indent=2))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         atomic_write(os.path.join(output_dir, TRAINING_ARGS_NAME), lambda path: torch.save(self.args, path))

@@ -453,7 +453,8 @@ class IAVModel(nn.Module):
                 (`sum_i alpha_i a_t^(i)`, so that `logits == base_logits + alignment_logits`).
             fused_lm_head: with `labels`, return an `IAVFusedOutput` of per-token statistics instead of logits
                 (TRL's fused LM head protocol; used by `IAVTrainer`). `backbone_features=` (the `(N, d)` output of
-                `scored_hidden_states`) then stands for the frozen backbone's pass, which is skipped.
+                `scored_hidden_states`) then stands for the frozen backbone's pass, which is skipped; without
+                `fused_lm_head` they are ignored (logits at every position need the pass).
             labels: next-token labels (-100 = ignored); the loss is the model's own causal-LM loss on `z_final`.
         """
         self._check_loaded()
@@ -464,8 +465,7 @@ class IAVModel(nn.Module):
             if labels is None:
                 raise ValueError("`fused_lm_head=True` needs `labels` (the next-token targets, -100 = ignored).")
             return self._fused_forward(input_ids, attention_mask, labels, strengths, **kwargs)
-        if kwargs.get("backbone_features") is not None:
-            raise ValueError("`backbone_features` replace the backbone's pass only with `fused_lm_head=True`.")
+        kwargs.pop("backbone_features", None)  # the logits of every position need the backbone's own pass
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         with self._applying(strengths, decompose=return_alignment) as call:
             outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -195,7 +195,7 @@ def test_a_trained_backbone_and_a_bad_dtype_are_refused_by_the_config():
         IAVConfig(output_dir="x", backbone_features_dtype="float16")
 
 
-def test_features_for_other_sequences_or_without_the_fused_head_are_refused(tokenizer):
+def test_features_for_other_sequences_are_refused_and_ignored_without_the_fused_head(tokenizer):
     model = get_iav_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), AlignmentHeadConfig(**HEAD))
     input_ids = torch.randint(3, 100, (2, 7))
     labels = input_ids.masked_fill(torch.arange(7) < 4, -100)  # 3 scored positions per row
@@ -206,5 +206,5 @@ def test_features_for_other_sequences_or_without_the_fused_head_are_refused(toke
     torch.testing.assert_close(outputs.log_probs, expected.log_probs)
     with pytest.raises(ValueError, match="6 scored positions but 5 cached"):
         model(input_ids, labels=labels, fused_lm_head=True, backbone_features=features[:5])
-    with pytest.raises(ValueError, match="only with `fused_lm_head=True`"):
-        model(input_ids, backbone_features=features)
+    logits = model(input_ids, backbone_features=features).logits  # ignored: every position's logits need the pass
+    torch.testing.assert_close(logits, model(input_ids).logits)
