@@ -27,7 +27,12 @@ def test_every_variant_trains_the_same_steps_and_the_bar_is_computed(results):
     assert list(runs) == list(VARIANTS)
     assert len({run["steps"] for run in runs.values()}) == 1 and runs["iav"]["steps"] > 0
     assert all(run["total_seconds"] >= run["construction_seconds"] > 0 for run in runs.values())
-    assert set(results["bar"]) == {"cached_vs_uncached", "cached_vs_dpo_lora", "target_kl_sampled_within_20_percent"}
+    assert set(results["bar"]) == {
+        "cached_vs_uncached",
+        "cached_vs_dpo_lora",
+        "target_kl_sampled_within_20_percent",
+        "sweep4_vs_single_head",
+    }
     ratio = runs["iav_cached"]["total_seconds"] / runs["iav"]["total_seconds"]
     assert results["bar"]["cached_vs_uncached"]["ratio"] == pytest.approx(ratio)
     assert runs["iav_target_kl"]["final_lambda_kl"] != 1.0  # the controller moved lambda_kl (default start: 1.0)
