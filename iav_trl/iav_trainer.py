@@ -342,9 +342,10 @@ class IAVTrainer(DPOTrainer):
             wait_for_everyone=state.wait_for_everyone,
         )
         batch_size = self.args.precompute_ref_batch_size
-        self.train_dataset = cache_backbone_features(
-            self.train_dataset, "train", batch_size=batch_size or self.args.per_device_train_batch_size, **settings
-        )
+        if self.train_dataset is not None:
+            self.train_dataset = cache_backbone_features(
+                self.train_dataset, "train", batch_size=batch_size or self.args.per_device_train_batch_size, **settings
+            )
         eval_batch_size = batch_size or self.args.per_device_eval_batch_size
         if isinstance(self.eval_dataset, dict):
             self.eval_dataset = {
