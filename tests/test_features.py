@@ -96,16 +96,20 @@ def test_a_second_run_over_the_same_data_reuses_the_cache(tokenizer, tmp_path):
     data = pairs(9)
     first = make_trainer(tokenizer, tmp_path / "a", cached=True, train=data)
     cache_dir = os.path.join(os.environ["IAV_TRL_CACHE"], "features")
-    files = set(os.listdir(cache_dir))
+
+    def cached_files():
+        return {name for name in os.listdir(cache_dir) if name.startswith("iav-backbone-features")}
+
+    files = cached_files()
     assert files
     model = tiny_causal_lm("llama", vocab_size=len(tokenizer))
     calls = []
     model.model.register_forward_hook(lambda *args: calls.append(1))
     second = make_trainer(tokenizer, tmp_path / "b", cached=True, train=data, model=model, learning_rate=1e-2)
-    assert calls == [] and set(os.listdir(cache_dir)) == files  # no pass, no new file
+    assert calls == [] and cached_files() == files  # no pass, no new file
     other = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1)  # other weights: other features
     make_trainer(tokenizer, tmp_path / "c", cached=True, train=data, model=other)
-    assert len(set(os.listdir(cache_dir))) == 2 * len(files)
+    assert len(cached_files()) == 2 * len(files)
     batch = second._prepare_inputs(next(iter(second.get_train_dataloader())))
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     expected = first.model.scored_hidden_states(batch["input_ids"], batch["attention_mask"], labels)
