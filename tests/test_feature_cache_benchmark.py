@@ -41,3 +41,9 @@ def test_every_variant_trains_the_same_steps_and_the_bar_is_computed(results):
     report = markdown(results)
     for variant in VARIANTS:
         assert f"| {variant} |" in report
+
+
+def test_the_variants_to_run_are_checked_and_always_include_the_two_iav_runs():
+    assert FeatureCacheConfig(variants=["iav_target_kl"]).variants == ["iav", "iav_cached", "iav_target_kl"]
+    with pytest.raises(ValueError, match="Unknown variants"):
+        FeatureCacheConfig(variants=["lora"])
