@@ -20,7 +20,6 @@ Writes `feature_cache.json` and `feature_cache.md` into `output_dir`.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import platform
@@ -37,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from alignment_benchmark import iav_decoder  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from real_data_benchmark import RealDataConfig, load_pairs, split_pairs  # noqa: E402
+from real_data_benchmark import RealDataConfig, load_pairs, split_pairs, write_report  # noqa: E402
 from real_data_methods import (  # noqa: E402
     build_trainer,
     heldout_metrics,
@@ -224,11 +223,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     (config,) = HfArgumentParser(FeatureCacheConfig).parse_args_into_dataclasses()
     results = benchmark(config)
-    os.makedirs(config.output_dir, exist_ok=True)
-    with open(os.path.join(config.output_dir, "feature_cache.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
-    with open(os.path.join(config.output_dir, "feature_cache.md"), "w") as fh:
-        fh.write(markdown(results))
+    write_report(results, markdown(results), config.output_dir, "feature_cache")
     print(markdown(results))
 
 

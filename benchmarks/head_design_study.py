@@ -18,7 +18,6 @@ The held-out split is never read: the same seed and sizes as the benchmark split
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -29,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from real_data_benchmark import RealDataConfig, load_pairs, split_pairs  # noqa: E402
+from real_data_benchmark import RealDataConfig, load_pairs, split_pairs, write_report  # noqa: E402
 from real_data_methods import heldout_metrics, load_model, load_trained, quiet, train_run  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
@@ -121,11 +120,7 @@ def report(results: dict[str, Any]) -> str:
 def main() -> None:
     (config,) = HfArgumentParser(RealDataConfig).parse_args_into_dataclasses()
     results = study(config)
-    os.makedirs(config.output_dir, exist_ok=True)
-    with open(os.path.join(config.output_dir, "head_design_study.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
-    with open(os.path.join(config.output_dir, "head_design_study.md"), "w") as fh:
-        fh.write(report(results))
+    write_report(results, report(results), config.output_dir, "head_design_study")
     print(report(results))
 
 

@@ -635,17 +635,21 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines + _bar_table(results["bar"]))
 
 
-def write(results: dict[str, Any], output_dir: str) -> tuple[str, str]:
-    """`real_data_benchmark.json` and `real_data_benchmark.md` in `output_dir`."""
+def write_report(results: dict[str, Any], report: str, output_dir: str, stem: str) -> tuple[str, str]:
+    """`<stem>.json` (the figures) and `<stem>.md` (`report`) in `output_dir`; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
-    json_path = os.path.join(output_dir, "real_data_benchmark.json")
-    md_path = os.path.join(output_dir, "real_data_benchmark.md")
+    json_path, md_path = (os.path.join(output_dir, f"{stem}.{suffix}") for suffix in ("json", "md"))
     with open(json_path, "w") as fh:
         json.dump(results, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
     with open(md_path, "w") as fh:
-        fh.write(markdown(results))
+        fh.write(report)
     return json_path, md_path
+
+
+def write(results: dict[str, Any], output_dir: str) -> tuple[str, str]:
+    """`real_data_benchmark.json` and `real_data_benchmark.md` in `output_dir`."""
+    return write_report(results, markdown(results), output_dir, "real_data_benchmark")
 
 
 def benchmark(config: RealDataConfig, command: str | None = None) -> dict[str, Any]:

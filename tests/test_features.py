@@ -6,12 +6,12 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
+from reliability.training import HEAD
+from reliability.training import make_trainer as tiny_trainer
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVTrainer, get_iav_model
 from iav_trl.features import FEATURE_COLUMNS, feature_cache_bytes
 from iav_trl.tiny import tiny_causal_lm
-
-HEAD = dict(num_interventions=3, intervention_dim=8)
 
 
 def pairs(n: int, offset: int = 0) -> Dataset:
@@ -36,32 +36,20 @@ def feature_cache(tmp_path, monkeypatch):
 
 def make_trainer(tokenizer, output_dir, cached, train=None, eval_dataset=None, model=None, **config):
     settings = dict(
-        output_dir=str(output_dir),
         per_device_train_batch_size=3,
         per_device_eval_batch_size=4,
+        max_steps=-1,
         num_train_epochs=3,
         gradient_accumulation_steps=2,
         learning_rate=5e-3,
         max_length=30,  # truncates some pairs
-        report_to=[],
-        bf16=False,
-        save_strategy="no",
         eval_strategy="steps" if eval_dataset is not None else "no",
         eval_steps=2,
-        logging_steps=1,
-        seed=0,
         precompute_backbone_features=cached,
-        **HEAD,
     )
-    settings.update(config)
-    model = model if model is not None else tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    return IAVTrainer(
-        model,
-        args=IAVConfig(**settings),
-        train_dataset=train if train is not None else pairs(12),
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-    )
+    train = train if train is not None else pairs(12)
+    data = dict(train_dataset=train, eval_dataset=eval_dataset, model=model)
+    return tiny_trainer(output_dir, tokenizer, **data, **{**settings, **config})
 
 
 def backbone_calls(trainer) -> list:

@@ -4,31 +4,16 @@ import json
 import os
 
 import pytest
+from reliability.training import make_trainer as tiny_trainer
 from reliability.training import preference_data
 
-from iav_trl import IAVConfig, IAVTrainer
+from iav_trl import IAVConfig
 from iav_trl.kl_control import AdaptiveKLController
-from iav_trl.tiny import tiny_causal_lm
-
-HEAD = dict(num_interventions=3, intervention_dim=8)
 
 
 def make_trainer(tokenizer, output_dir, **config):
-    settings = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=3,
-        max_steps=6,
-        learning_rate=3e-2,
-        report_to=[],
-        bf16=False,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        **HEAD,
-    )
-    settings.update(config)
-    model = tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    return IAVTrainer(model, args=IAVConfig(**settings), train_dataset=preference_data(18), processing_class=tokenizer)
+    settings = dict(per_device_train_batch_size=3, max_steps=6, learning_rate=3e-2)
+    return tiny_trainer(output_dir, tokenizer, train_dataset=preference_data(18), **{**settings, **config})
 
 
 def logged(trainer, key):

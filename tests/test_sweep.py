@@ -5,54 +5,27 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig
+from reliability.training import HEAD
+from reliability.training import make_trainer as tiny_trainer
+from test_features import pairs
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer, get_iav_model
 from iav_trl.tiny import tiny_causal_lm
 
-HEAD = dict(num_interventions=3, intervention_dim=8)
 SWEEP = [0.0, 0.5, 4.0]
-
-
-def pairs(n: int, offset: int = 0) -> Dataset:
-    return Dataset.from_list(
-        [
-            {
-                "prompt": f"Human: question {i + offset}, how do I bake bread? Assistant:",
-                "chosen": " Sure! Mix flour, water" + ", salt" * (i % 3) + " and yeast.",
-                "rejected": " I am sorry" + ", no" * (i % 4) + ".",
-            }
-            for i in range(n)
-        ]
-    )
 
 
 def make_trainer(tokenizer, output_dir, model=None, **config):
     settings = dict(
-        output_dir=str(output_dir),
         per_device_train_batch_size=3,
         per_device_eval_batch_size=4,
-        max_steps=4,
         gradient_accumulation_steps=2,
         learning_rate=2e-2,
         max_grad_norm=1e-3,  # small enough to clip every step: each head must be clipped on its own
-        report_to=[],
-        bf16=False,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        **HEAD,
     )
-    settings.update(config)
-    model = model if model is not None else tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    return IAVTrainer(
-        model,
-        args=IAVConfig(**settings),
-        train_dataset=pairs(12),
-        eval_dataset=pairs(6, 50),
-        processing_class=tokenizer,
-    )
+    data = dict(train_dataset=pairs(12), eval_dataset=pairs(6, 50))
+    return tiny_trainer(output_dir, tokenizer, model=model, **data, **{**settings, **config})
 
 
 def test_each_head_of_a_sweep_trains_as_its_own_run_from_one_backbone_pass(tokenizer, tmp_path):
