@@ -76,8 +76,9 @@ class FeatureCacheConfig(RealDataConfig):
         self.variants = [v for v in VARIANTS if v in {"iav", "iav_cached", *self.variants}]
 
 
-def timed_run(config: FeatureCacheConfig, variant: str, train: Dataset, heldout: Dataset, save_dir: str) -> dict:
-    """One variant's training, timed from the trainer's construction to the end of `train()`; saves the result."""
+def timed_run(config: FeatureCacheConfig, variant: str, train: Dataset, save_dir: str) -> dict:
+    """One variant's training (no evaluation set), timed from the trainer's construction to the end of `train()`;
+    saves the result."""
     quiet()
     tokenizer = load_base_tokenizer(config.model)
     method = "dpo_lora" if variant == "dpo_lora" else "iav"
@@ -96,7 +97,7 @@ def timed_run(config: FeatureCacheConfig, variant: str, train: Dataset, heldout:
         try:
             start = time.perf_counter()
             trainer = build_trainer(
-                method, model, tokenizer, train, heldout, config, os.path.join(work, "out"), learning_rate,
+                method, model, tokenizer, train, None, config, os.path.join(work, "out"), learning_rate,
                 iav_settings=settings,
             )  # fmt: skip
             construction = time.perf_counter() - start
@@ -155,7 +156,7 @@ def benchmark(config: FeatureCacheConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="feature-cache-results-") as work:
         for variant in config.variants:
             save_dir = os.path.join(work, variant)
-            runs[variant] = run(config, variant, splits["train"], splits["heldout"], save_dir)
+            runs[variant] = run(config, variant, splits["train"], save_dir)
             seconds = runs[variant]["total_seconds"]
             print(f"[{time.perf_counter() - start:6.0f}s] {variant}: {seconds:.0f}s", flush=True)
         kl = None

@@ -8,12 +8,13 @@ the head's offset and the reference all follow from `h_t` and the frozen unembed
     chosen_features   = bytes of h_t for the chosen sequence's scored positions     (n_chosen, d)
     rejected_features = bytes of h_t for the rejected sequence's scored positions   (n_rejected, d)
 
-as two columns of the tokenized dataset, in a datasets cache file (Arrow, memory-mapped: the cache lives on disk
-and the operating system keeps what fits in memory). A dataset needs `(n_chosen + n_rejected) x d x bytes per
-value` over its pairs, which `feature_cache_bytes` computes before the pass. `BackboneFeatureCollator` puts a
-batch's features, in the order `scored_hidden_states` returns them, next to TRL's padded batch as
-`backbone_features` `(N, d)`, and `IAVModel.forward(..., fused_lm_head=True, backbone_features=...)` uses them
-instead of running the backbone. Every epoch, evaluation and checkpoint resume then reads the cache.
+as two columns of the tokenized dataset, in an Arrow file under `$IAV_TRL_CACHE/features` (memory-mapped: the
+cache lives on disk and the operating system keeps what fits in memory). A dataset needs
+`(n_chosen + n_rejected) x d x bytes per value` over its pairs, which `feature_cache_bytes` computes before the
+pass. `BackboneFeatureCollator` puts a batch's features, in the order `scored_hidden_states` returns them, next to
+TRL's padded batch as `backbone_features` `(N, d)`, and `IAVModel.forward(..., fused_lm_head=True,
+backbone_features=...)` uses them instead of running the backbone. Every epoch, evaluation and checkpoint resume
+then reads the cache.
 
 Under DDP each process computes the features of its own contiguous shard of the dataset into its own file; every
 process then reads all shards (the files must be on a filesystem all processes see, as a single node's are).
@@ -144,13 +145,12 @@ def cache_backbone_features(
     computes its contiguous shard into a cache file, then every process reads all shards.
 
     The files are keyed by the pairs' tokens (`token_digest`), the backbone (`model_fingerprint`) and the settings,
-    and reused while those stay the same (so a sweep of runs over one dataset pays for one pass): next to the
-    dataset's own cache files, or in `$IAV_TRL_CACHE/features` for a dataset held in memory. `share` gives every
-    process the main process's key.
+    and reused while those stay the same (so a sweep of runs over one dataset pays for one pass), in
+    `$IAV_TRL_CACHE/features`. `share` gives every process the main process's key.
     """
     settings = {"dtype": str(dtype), "max_length": max_length, "truncation_mode": truncation_mode}
     key = share(Hasher.hash((token_digest(dataset), model_fingerprint, sorted(settings.items()))))
-    directory = os.path.dirname(dataset.cache_files[0]["filename"]) if dataset.cache_files else cache_dir("features")
+    directory = cache_dir("features")
     os.makedirs(directory, exist_ok=True)
     size = feature_cache_bytes(dataset, hidden_size, dtype, max_length, truncation_mode)
     logger.info(f"Caching backbone features of the {name} dataset: {_human(size)} ({len(dataset)} pairs).")
