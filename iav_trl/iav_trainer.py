@@ -56,6 +56,13 @@ def sweep_head_name(index: int) -> str:
     return f"lambda_kl_{index}"
 
 
+def _batch_features(model: IAVModel, batch: dict) -> torch.Tensor:
+    """The backbone features of a batch padded by TRL's preference collator: the hidden states at its completion
+    tokens' predecessors (labels are the input ids where `completion_mask` is set, as `DPOTrainer` scores them)."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    return model.scored_hidden_states(batch["input_ids"], batch["attention_mask"], labels)
+
+
 def _keep_4bit_weights_trainable(model: nn.Module) -> None:
     """
     Stop bitsandbytes' CPU backend from repacking 4-bit weights for inference during evaluation.
@@ -316,9 +323,7 @@ class IAVTrainer(DPOTrainer):
         state = PartialState()
 
         def compute(batch: dict) -> torch.Tensor:
-            input_ids, completion_mask = batch["input_ids"].to(device), batch["completion_mask"].to(device)
-            labels = input_ids.masked_fill(completion_mask == 0, -100)
-            return model.scored_hidden_states(input_ids, batch["attention_mask"].to(device), labels).cpu()
+            return _batch_features(model, {key: value.to(device) for key, value in batch.items()}).cpu()
 
         def share(fingerprint: str) -> str:
             shared = [fingerprint]
@@ -419,11 +424,7 @@ class IAVTrainer(DPOTrainer):
             lambda_kl = self._iav.lambda_kl if self.kl_controller is None else self.kl_controller.value
             return self._head_loss(model, inputs, return_outputs, num_items_in_batch, self._iav.alpha, lambda_kl)
         if "backbone_features" not in inputs:  # the one backbone pass every head reads
-            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-            features = self.accelerator.unwrap_model(model).scored_hidden_states(
-                inputs["input_ids"], inputs["attention_mask"], labels
-            )
-            inputs = {**inputs, "backbone_features": features}
+            inputs = {**inputs, "backbone_features": _batch_features(self.accelerator.unwrap_model(model), inputs)}
         mode = "train" if self.model.training else "eval"
         total, outputs = 0.0, None
         for index, (name, lambda_kl) in enumerate(self.sweep.items()):
