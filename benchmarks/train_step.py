@@ -22,9 +22,9 @@ How it is measured:
   steps are dropped and the median of the rest is the variant's step time in that round;
 - memory: each variant runs in its own subprocess. Right before `trainer.train()` (model, reference and trainer
   built, `gc.collect()` and `malloc_trim(0)` done) the current RSS is read and the kernel's peak-RSS mark is reset
-  (`/proc/self/clear_refs`), so `ru_maxrss` after training is the peak during training. "train peak" is that peak
-  minus the RSS before training: activations, gradients, optimizer state and the step's temporaries, but not the
-  weights (nor `dpo_full`'s reference copy), which "abs peak" (the process's overall peak RSS) includes;
+  (`/proc/self/clear_refs`), so the peak RSS (`VmHWM`) after training is the peak during training. "train peak" is
+  that peak minus the RSS before training: activations, gradients, optimizer state and the step's temporaries, but
+  not the weights (nor `dpo_full`'s reference copy), which "abs peak" (the process's overall peak RSS) includes;
 - rounds: the whole set of variants runs `--rounds` times, interleaved; ratios are the median over rounds of the
   per-round ratio, so load on a shared machine that drifts between rounds cancels out.
 
@@ -110,7 +110,16 @@ def rss_mb() -> float:
 
 
 def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """
+    The process's peak RSS (MB): `VmHWM` of `/proc/self/status`, the high-water mark of this process's own memory.
+    Not `getrusage`'s `ru_maxrss`: in a process started by fork + exec (a spawned worker, a subprocess), that is at
+    least the parent's RSS at the fork, because the kernel keeps the pre-exec copy's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def release_memory() -> None:
@@ -122,7 +131,7 @@ def release_memory() -> None:
 
 
 def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (`ru_maxrss`) to the current RSS; False where the kernel does not allow it."""
+    """Reset the kernel's peak-RSS mark (`VmHWM`) to the current RSS; False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import datasets
 import pytest
@@ -36,6 +38,7 @@ from real_data_methods import (  # noqa: E402
     train_isolated,
     train_run,
 )
+from train_step import maxrss_mb  # noqa: E402
 
 from iav_trl import get_iav_model, load_preference_dataset  # noqa: E402
 from iav_trl.base_models import load_base_model, load_base_tokenizer  # noqa: E402
@@ -281,3 +284,19 @@ def test_scorers_give_the_distribution_each_method_samples_from(tiny_model):
             assert torch.equal(logp, ref)
         else:
             assert (logp - ref)[keep].abs().max() > 1e-2, name  # the comparison can fail
+
+
+def _peak_after_touching(megabytes: int) -> float:
+    block = bytearray(megabytes * 2**20)
+    block[:: 2**12] = b"\x01" * (len(block) // 2**12)  # touch every page, so that it counts in the RSS
+    return maxrss_mb()
+
+
+def test_a_spawned_worker_measures_its_own_peak_memory_not_its_parents():
+    """A worker started by fork + exec must not report the parent's RSS at the fork (`ru_maxrss` does)."""
+    parent = bytearray(1024 * 2**20)
+    parent[:: 2**12] = b"\x01" * (len(parent) // 2**12)
+    assert maxrss_mb() > 1024
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child_peak = pool.submit(_peak_after_touching, 64).result()
+    assert 64 < child_peak < 700, child_peak  # the worker's interpreter, torch and its 64 MB; not the parent's 1 GB
