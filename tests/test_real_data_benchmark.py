@@ -191,10 +191,16 @@ def test_pairs_fit_and_splits_are_seeded_and_disjoint(tiny_model):
     assert split_pairs(pairs, dataclasses.replace(config, seed=1))["heldout"]["prompt"] != splits["heldout"]["prompt"]
 
 
-def test_split_sizes_scale_down_together_when_few_pairs_fit():
+def test_split_sizes_cap_the_heldout_split_and_scale_down_together_when_few_pairs_fit():
     requested = {"train": 64, "validation": 24, "heldout": 48}
     assert split_sizes(500, requested) == requested
-    assert split_sizes(107, requested) == {"train": 50, "validation": 18, "heldout": 37}
+    assert split_sizes(107, requested) == {"train": 61, "validation": 22, "heldout": 22}
+    assert split_sizes(107, {"train": 128, "validation": 64, "heldout": 256}) == {
+        "train": 53,
+        "validation": 26,
+        "heldout": 26,
+    }
+    assert split_sizes(120, requested) == {"train": 64, "validation": 24, "heldout": 24}
     with pytest.raises(ValueError, match="too few"):
         split_sizes(2, requested)
 
