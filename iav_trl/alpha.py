@@ -101,3 +101,24 @@ def resolve_alpha(
         if largest > ALPHA_LIMIT:
             raise _beyond_limit(f"The strength of adapter {name!r} (alpha times its mixing weight)", largest)
     return {name: value for name, value in strengths.items() if not (isinstance(value, float) and value == 0.0)}
+
+
+def strength_rows(
+    strengths: Mapping[str, float | torch.Tensor], adapters: Sequence[str], batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """
+    `strengths` (as `resolve_alpha` returns them) as one float32 `(batch_size,)` tensor per adapter of `adapters`, in
+    that order, on `device`; 0 for an adapter `strengths` leaves out. Decoding passes these: a compiled decoding
+    step (`torch.compile`, e.g. `generate`'s static-cache compilation) then sees the same names, types and shapes
+    for every alpha, per-row alphas and mixing weights, so a new value never recompiles it (Dynamo specializes on
+    Python floats and on which adapters run).
+    """
+    rows = {}
+    for name in adapters:
+        value = strengths.get(name, 0.0)
+        rows[name] = (
+            value.to(device=device, dtype=torch.float32)
+            if isinstance(value, torch.Tensor)
+            else torch.full((batch_size,), value, dtype=torch.float32, device=device)
+        )
+    return rows

@@ -42,7 +42,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .alpha import AlphaLike, resolve_alpha
+from .alpha import AlphaLike, resolve_alpha, strength_rows
 from .base_models import load_base_model, recorded_source
 from .config import CONFIG_NAME, WEIGHTS_DIGEST_KEY, AlignmentHeadConfig, read_config_file
 from .fingerprint import fingerprint_mismatch, weights_fingerprint
@@ -576,7 +576,13 @@ class IAVModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, *args: Any, alpha: AlphaLike = None, **kwargs: Any) -> Any:
-        """`transformers`' own `generate` (greedy, sampling, beams, streamers, ...) decoding `z_final`."""
+        """
+        `transformers`' own `generate` (greedy, sampling, beams, streamers, ...) decoding `z_final`.
+
+        Unless every strength is 0 (then the base model decodes alone), every loaded head runs with a per-row tensor
+        strength (`iav_trl.alpha.strength_rows`), so that a compiled decoding step (`cache_implementation="static"`,
+        where `generate` compiles it) serves every alpha, per-row alphas and mixing weights with one graph.
+        """
         self._check_loaded()
         # The rows, however they are passed: positionally or as `inputs=` (generate's own name), `input_ids=` or
         # `inputs_embeds=`; with none of them, generate starts one row from the BOS token.
@@ -586,8 +592,9 @@ class IAVModel(nn.Module):
                 reference = kwargs.get(key)
         batch_size = reference.shape[0] if isinstance(reference, torch.Tensor) else 1
         strengths = self._strengths(alpha, batch_size)
-        device = self.output_embeddings.weight.device
-        strengths = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in strengths.items()}
+        if strengths:  # otherwise every strength is 0: the base model's own pass, no head runs
+            device = self.output_embeddings.weight.device
+            strengths = strength_rows(strengths, list(self.alignment_heads), batch_size, device)
         with self._applying(strengths):
             return self.base_model.generate(*args, **kwargs)
 
