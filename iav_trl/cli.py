@@ -3,6 +3,7 @@
     iav-trl train    --config recipes/quickstart_cpu.yaml [--any_field value ...]
     iav-trl generate --config recipes/quickstart_cpu.yaml --prompt "..." [--prompt "..."] [--alphas 0 0.5 1 1.5]
     iav-trl eval     --config recipes/quickstart_cpu.yaml [--alphas 0 0.5 1 1.5]
+    iav-trl serve    --config recipes/quickstart_cpu.yaml [--port 8000] [--add_adapter NAME=DIR ...]
 
 Every field of the command's dataclasses is a flag (`iav-trl <command> --help` lists them); a recipe
 (`--config`, flat TRL layout or the nested `model:` / `training:` / `inference:` layout, see `iav_trl.cli_recipe`)
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .cli_inference import evaluate, generate
+from .cli_inference import evaluate, generate, serve
 from .cli_recipe import RecipeError, parse_command_args
 from .cli_train import train
 
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, Callable[..., Any]]] = {
     "train": ("Train an alignment head with IAVTrainer and save it to output_dir.", train),
     "generate": ("Complete prompts at several alphas, side by side, in one batch.", generate),
     "eval": ("Held-out reward accuracy and margin of an adapter at several alphas.", evaluate),
+    "serve": ("Serve an adapter as an OpenAI-compatible server, alpha and head mix per request.", serve),
 }
 
 

@@ -41,6 +41,7 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "generate": {},
     "eval": {"bf16": False},
+    "serve": {},
 }
 
 
@@ -186,14 +187,66 @@ class EvalArguments(AdapterArguments):
     )
 
 
+@dataclass
+class ServeArguments:
+    """
+    Arguments of `iav-trl serve`: an OpenAI-compatible server for an adapter (and more heads), see `iav_trl.serving`.
+
+    adapter (`str`): the adapter directory or Hub repo id whose base model is served (with --config, the recipe's
+        `output_dir`). add_adapter (`list[str]`): more heads on the same base, `NAME=DIR_OR_REPO` (repeat the flag).
+    served_model_name (`str`, *optional*): the model name clients send (default: the adapter's directory name).
+    host (`str`, defaults to `"127.0.0.1"`), port (`int`, defaults to `8000`).
+    num_blocks (`int`, defaults to `256`), page_size (`int`, defaults to `32`), max_batch_tokens (`int`, defaults
+        to `512`): the continuous-batching engine's KV cache (`num_blocks * page_size` tokens in all) and the tokens
+        one forward packs.
+    trust_remote_code (`bool`, defaults to `False`): allow models whose code lives on the Hub.
+    """
+
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "Adapter directory or Hub repo id; with --config, the recipe's `output_dir`."},
+    )
+    add_adapter: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Another head on the same base, NAME=DIR_OR_REPO; repeat the flag.", "action": "extend"},
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "The model name clients send (default: the adapter's directory name)."}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    num_blocks: int = field(default=256, metadata={"help": "KV-cache pages of the batching engine."})
+    page_size: int = field(default=32, metadata={"help": "Tokens per KV-cache page."})
+    max_batch_tokens: int = field(default=512, metadata={"help": "Tokens one forward of the engine packs."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives on the Hub."})
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            raise ValueError("No adapter: pass --adapter DIR_OR_REPO, or --config RECIPE to use its output_dir.")
+        for entry in self.add_adapter:
+            name, _, path = entry.partition("=")
+            if not name or not path:
+                raise ValueError(f"--add_adapter takes NAME=DIR_OR_REPO, got {entry!r}.")
+        if min(self.num_blocks, self.page_size, self.max_batch_tokens) < 1 or not 0 < self.port < 65536:
+            raise ValueError(
+                "num_blocks, page_size and max_batch_tokens must be positive and port in 1..65535; got "
+                f"{self.num_blocks}, {self.page_size}, {self.max_batch_tokens} and {self.port}."
+            )
+
+    def extra_adapters(self) -> dict[str, str]:
+        """`{name: directory or repo}` of `add_adapter`."""
+        return dict(entry.split("=", 1) for entry in self.add_adapter)
+
+
 COMMAND_DATACLASSES: dict[str, tuple[type, ...]] = {
     "train": (IAVScriptArguments, IAVConfig, IAVModelConfig),
     "generate": (GenerateArguments, IAVModelConfig),
     "eval": (IAVScriptArguments, EvalArguments, IAVConfig, IAVModelConfig),
+    "serve": (ServeArguments, IAVModelConfig),
 }
 
 # Flags that a recipe cannot set: `--prompt` extends a list, so a recipe's prompts could never be replaced.
-CLI_ONLY_FIELDS = frozenset({"prompt"})
+CLI_ONLY_FIELDS = frozenset({"prompt", "add_adapter"})
 
 
 def default_output_dir(model_name_or_path: str) -> str:

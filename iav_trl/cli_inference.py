@@ -31,7 +31,7 @@ import torch
 from transformers import set_seed
 from trl import ModelConfig
 
-from .cli_args import EvalArguments, GenerateArguments, IAVScriptArguments
+from .cli_args import EvalArguments, GenerateArguments, IAVScriptArguments, ServeArguments
 from .cli_models import load_adapter_for_inference
 from .cli_train import load_splits
 from .iav_config import IAVConfig
@@ -91,6 +91,33 @@ def generate(gen_args: GenerateArguments, model_args: ModelConfig) -> list[dict[
     if gen_args.output_file:
         _write_json(gen_args.output_file, results)
     return results
+
+
+def serve(serve_args: ServeArguments, model_args: ModelConfig) -> None:
+    """
+    Serve the adapter's base model with its head (and the `add_adapter` heads) as an OpenAI-compatible server
+    (`iav_trl.serving`) until interrupted.
+    """
+    try:
+        from transformers import ContinuousBatchingConfig
+
+        from . import serving
+    except ImportError as err:
+        raise ImportError(f'`iav-trl serve` needs the serving extra: pip install "iav-trl[serving]" ({err}).') from err
+    loaded = load_adapter_for_inference(model_args, serve_args.adapter, serve_args.trust_remote_code)
+    for name, adapter in serve_args.extra_adapters().items():
+        loaded.model.load_adapter(adapter, adapter_name=name, strict=True)  # heads trained on this base only
+    name = serve_args.served_model_name or os.path.basename(os.path.normpath(serve_args.adapter))
+    config = ContinuousBatchingConfig(
+        num_blocks=serve_args.num_blocks,
+        page_size=serve_args.page_size,
+        max_batch_tokens=serve_args.max_batch_tokens,
+    )
+    app = serving.build_app(loaded.model, loaded.tokenizer, name, cb_config=config)
+    print(
+        f"Serving {name!r} (heads: {', '.join(loaded.model.adapter_names)}) on http://{serve_args.host}:{serve_args.port}/v1"
+    )
+    serving.serve(app, host=serve_args.host, port=serve_args.port)
 
 
 def format_eval_table(rows: list[dict[str, float]]) -> str:

@@ -416,6 +416,17 @@ class IAVModel(nn.Module):
         output.logits = output.logits + alignment
         return output
 
+    def set_engine_strengths(self, strengths: Mapping[str, torch.Tensor] | None) -> None:
+        """
+        Strengths for forwards that a serving engine runs on the base model directly, not through `forward` or
+        `generate` (transformers' continuous batching calls the base model, see `iav_trl.serving`); `None` clears
+        them. Each tensor broadcasts against the hidden states the LM head receives, e.g. `(1, rows, 1)` for a
+        packed batch with one scored row per request.
+        """
+        self._check_loaded()
+        self._check_known(strengths or {})
+        self._call = None if strengths is None else _Call(strengths=dict(strengths), decompose=False)
+
     @contextlib.contextmanager
     def _applying(self, strengths: dict[str, float | torch.Tensor], decompose: bool = False) -> Iterator[_Call]:
         previous, self._call = self._call, _Call(strengths=strengths, decompose=decompose)
@@ -884,6 +895,8 @@ def _pickled_weights(
 def _rows(strength: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """Per-row strengths `(B,)` shaped to broadcast over `hidden` `(B', ..., d)`; `generate` expands rows
     (beams, `num_return_sequences`) by repeating each one in place, so `B'` may be a multiple of `B`."""
+    if strength.dim() == hidden.dim():  # already shaped to broadcast (`set_engine_strengths`)
+        return strength.to(hidden.device)
     batch = hidden.shape[0]
     if strength.shape[0] != batch:
         if batch % strength.shape[0] != 0:

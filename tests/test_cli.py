@@ -207,6 +207,55 @@ def test_flags_override_the_recipe():
     assert parsed["intervention_dim"] == 64  # from the recipe
 
 
+def test_serve_answers_an_openai_client_with_the_alpha_and_head_mix_each_request_asks_for(random_head, trained):
+    """`iav-trl serve` in a subprocess: the responses are what `generate` returns offline for the same settings."""
+    openai = pytest.importorskip("openai", reason="the serving extra (`pip install .[serving]`)")
+    pytest.importorskip("iav_trl.serving", reason="the serving extra (`pip install .[serving]`)")
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "iav_trl", "serve", "--config", QUICKSTART, "--adapter", str(random_head)]
+    command += ["--add_adapter", f"second={trained}", "--port", str(port), "--served_model_name", "quickstart"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
+            try:
+                listed = client.models.list().data
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.5)
+        assert [m.id for m in listed] == ["quickstart"] and set(listed[0].model_extra["alignment_heads"]) == {
+            "default",
+            "second",
+        }
+        tokenizer = AutoTokenizer.from_pretrained(random_head)
+        model = IAVModel.from_pretrained(AutoModelForCausalLM.from_pretrained(random_head / "tiny_base"), random_head)
+        model.load_adapter(trained, adapter_name="second")
+        for extra, alpha in (
+            ({"alpha": 0.0}, 0.0),
+            ({"alpha": 2.0}, 2.0),
+            ({"adapter_weights": {"second": 1.0}}, {"second": 1.0}),
+        ):
+            response = client.chat.completions.create(
+                model="quickstart",
+                messages=[{"role": "user", "content": PROMPTS[0]}],
+                max_tokens=12,
+                temperature=0,
+                extra_body=extra,
+            )
+            assert response.choices[0].message.content == greedy(model, tokenizer, PROMPTS[0], 12, alpha=alpha), extra
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def test_generate_needs_a_prompt_and_an_adapter():
     with pytest.raises(ValueError, match="--prompt"):
         parse_command_args("generate", ["--adapter", "some/adapter"])
