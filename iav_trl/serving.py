@@ -199,9 +199,12 @@ class AlignedGenerationState(GenerationState):
 
 
 class ServedModel(ModelManager):
-    """transformers' model manager for one model loaded by the server itself: clients can name it, nothing else."""
+    """
+    transformers' model manager for one model loaded by the server itself: clients can name it, nothing else. Any
+    causal LM (the base model alone, for a comparison) or an `IAVModel`, whose heads `/v1/models` lists.
+    """
 
-    def __init__(self, model: IAVModel, tokenizer: PreTrainedTokenizerBase, name: str):
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, name: str):
         self.model, self.tokenizer, self.force_model = model, tokenizer, name
 
     @staticmethod
@@ -214,13 +217,14 @@ class ServedModel(ModelManager):
         return self.model, self.tokenizer
 
     def list_models(self, cache_dir: str | None = None) -> list[dict]:
-        heads = {
-            name: {"default_alpha": config.default_alpha, "weight": self.model.adapter_weights.get(name, 0.0)}
-            for name, config in self.model.iav_config.items()
-        }
-        return [
-            {"id": self.force_model, "object": "model", "created": 0, "owned_by": "iav-trl", "alignment_heads": heads}
-        ]
+        entry = {"id": self.force_model, "object": "model", "created": 0, "owned_by": "iav-trl"}
+        if isinstance(self.model, IAVModel):
+            weights = self.model.adapter_weights
+            entry["alignment_heads"] = {
+                name: {"default_alpha": config.default_alpha, "weight": weights.get(name, 0.0)}
+                for name, config in self.model.iav_config.items()
+            }
+        return [entry]
 
     def shutdown(self) -> None:
         pass  # the served model lives as long as the server

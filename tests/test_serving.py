@@ -201,3 +201,25 @@ def test_clients_reach_the_served_model_only_and_the_model_list_shows_the_heads(
     for route in ("/load_model", "/reset", "/v1/responses"):
         assert post(url + route, {"model": str(tmp_path)})[0] == 404, route
     assert post(url + "/health", {}, method="GET") == (200, '{"status":"ok"}')
+
+
+def test_throughput_benchmark_runs_every_server_and_reports_both_ratios(tmp_path):
+    """`benchmarks/serving_throughput.py` end to end on the tiny model and the fixture's prompts."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "serving.json"
+    command = [sys.executable, os.path.join(root, "benchmarks", "serving_throughput.py"), "--model", "tiny"]
+    command += ["--data", os.path.join(root, "tests", "fixtures", "hh-rlhf-harmless-base-test-40.jsonl")]
+    command += ["--requests", "6", "--clients", "3", "--max-tokens", "4", "--rounds", "1", "--json", str(out)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (row,) = report["rounds"]
+    assert set(row) == {"base", "iav one alpha", "iav mixed alphas"}
+    assert all(r["tokens"] > 0 and r["tokens"] <= 6 * 4 for r in row.values())
+    assert report["ratios"]["iav_vs_base"] == row["iav one alpha"]["tokens_per_s"] / row["base"]["tokens_per_s"]
