@@ -35,6 +35,7 @@ The sampling settings (temperature, top_p) are the engine's and fixed by the fir
 from __future__ import annotations
 
 import contextvars
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -268,6 +269,13 @@ def build_app(
     """The FastAPI app serving `model` (with its loaded heads) as `name`; run it with uvicorn (`serve`)."""
     if not isinstance(model, IAVModel):
         raise TypeError(f"`model` must be an IAVModel (a base model with its heads), got {type(model).__name__}.")
+    base = model.get_base_model()
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        raise ValueError(
+            f"{type(base).__name__}.forward has no `logits_to_keep`: the batching engine would apply the LM head to "
+            "every packed token, not one row per request, and the per-request strengths could not be placed. Serve "
+            "a model whose forward takes `logits_to_keep` (every causal LM of transformers >= 4.50 does)."
+        )
     manager = ServedModel(model, tokenizer, name)
     state = AlignedGenerationState(model, cb_config)
     app = build_server(

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer, build_dataset_mixture, get_iav_model
-from iav_trl.cli import main
+from iav_trl.cli import COMMANDS, main
 from iav_trl.cli_models import base_model_path, build_tiny_base, load_adapter_for_inference, quantization_config
 from iav_trl.cli_recipe import parse_command_args
 from iav_trl.cli_train import load_splits
@@ -476,7 +476,7 @@ def test_eval_reports_ties_and_win_rate_and_alpha_zero_is_all_ties_not_all_losse
     assert rows[2.0]["ties"] < 1.0  # the head moves the rewards: the pairs are no longer tied
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "eval"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_prints_its_help_with_every_field(command):
     """argparse formats each field's help text (a stray `%` in one breaks `--help` for the whole command)."""
     result = iav_trl(command, "--help")
@@ -484,3 +484,20 @@ def test_every_command_prints_its_help_with_every_field(command):
     if command == "train":
         for flag in ("--lambda_kl", "--target_kl", "--precompute_backbone_features", "--backbone_features_dtype"):
             assert flag in result.stdout
+
+
+def test_serve_refuses_a_malformed_extra_head_or_port():
+    for args, message in (
+        (["--add_adapter", "no-equals-sign"], "NAME=DIR_OR_REPO"),
+        (["--add_adapter", "=path"], "NAME=DIR_OR_REPO"),
+        (["--port", "0"], "port"),
+        (["--max_batch_tokens", "0"], "max_batch_tokens"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_command_args("serve", ["--adapter", "some/adapter", *args])
+    with pytest.raises(ValueError, match="--adapter"):
+        parse_command_args("serve", [])
+    serve_args, _ = parse_command_args(
+        "serve", ["--adapter", "a", "--add_adapter", "x=dir/one", "--add_adapter", "y=two"]
+    )
+    assert serve_args.extra_adapters() == {"x": "dir/one", "y": "two"}
