@@ -23,7 +23,8 @@ processors a per-request tensor each (`ContinuousBatchingLogitsProcessor.prepare
 per head (`StrengthCarrier`, the identity on the scores) puts each request's strength in that tensor; a forward
 pre-hook on the base model reads it and hands it to `IAVModel.set_engine_strengths` as a `(1, rows, 1)` tensor, one
 row per request whose next token the LM head scores (the engine applies the LM head to those rows only). The
-strengths are tensors, never Python floats, so a compiled engine does not recompile for new values.
+strengths are views of the engine's own per-request buffer, never Python floats, so that a compiled engine would not
+specialize on their values.
 
 Bad strengths get an HTTP 400 with an OpenAI-style error naming the field; a client can reach only the model the
 server was started with (no `/load_model`, no `/reset`, any other model name is refused).
