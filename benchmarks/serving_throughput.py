@@ -22,14 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import uvicorn
 from openai import OpenAI
 from transformers import ContinuousBatchingConfig
 from transformers.cli.serving.chat_completion import ChatCompletionHandler
@@ -39,7 +36,7 @@ from transformers.cli.serving.utils import GenerationState
 
 from iav_trl import AlignmentHeadConfig, get_iav_model, load_preference_dataset
 from iav_trl.base_models import load_base_model, load_base_tokenizer
-from iav_trl.serving import ServedModel, build_app
+from iav_trl.serving import ServedModel, build_app, serve_in_thread
 from iav_trl.tiny import tiny_causal_lm, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,18 +81,6 @@ def base_app(model, tokenizer, cb_config):
     )
     app.state.generation_state = state
     return app
-
-
-def run_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}/v1"
 
 
 def throughput(url: str, prompts: list[str], alphas: list[float | None], args) -> dict[str, float]:
@@ -143,7 +128,7 @@ def main() -> None:
         num_blocks=args.num_blocks, page_size=32, max_batch_tokens=args.max_batch_tokens
     )
     apps = {"base": base_app(base, tokenizer, cb_config), "iav": build_app(iav, tokenizer, "served", cb_config)}
-    servers = {name: run_server(app) for name, app in apps.items()}
+    servers = {name: serve_in_thread(app) for name, app in apps.items()}
     workloads = {
         "base": ("base", [None] * len(prompts)),
         "iav one alpha": ("iav", [1.0] * len(prompts)),

@@ -298,6 +298,32 @@ def build_app(
     return app
 
 
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", timeout: float = 60.0):
+    """
+    Start `app` with uvicorn on a free port of `host` in a daemon thread (a notebook, a test, a benchmark) and wait
+    until it listens. Returns `(server, thread, url)`, `url` the OpenAI base URL `http://host:port/v1`; stop it with
+    `server.should_exit = True; thread.join()`, then `app.state.generation_state.shutdown()`.
+    """
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"The server did not start on {host}:{port} within {timeout:g} s.")
+        time.sleep(0.05)
+    return server, thread, f"http://{host}:{port}/v1"
+
+
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run `app` (from `build_app`) with uvicorn until interrupted, then stop its batching engine."""
     import uvicorn

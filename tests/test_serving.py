@@ -1,9 +1,6 @@
 """`iav_trl.serving` on localhost, through the official `openai` client: per-request alpha and head mixes."""
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +15,6 @@ from iav_trl.tiny import tiny_causal_lm, train_tokenizer
 
 serving = pytest.importorskip("iav_trl.serving", reason="serving needs fastapi and uvicorn (`pip install .[serving]`)")
 openai = pytest.importorskip("openai", reason="the tests talk to the server with the `openai` client")
-uvicorn = pytest.importorskip("uvicorn")
 
 NEW_TOKENS = 8
 PROMPTS = [
@@ -40,18 +36,9 @@ def served():
     randomize_heads(model, std=0.3)
     config = serving.ContinuousBatchingConfig(num_blocks=64, page_size=16, max_batch_tokens=256)
     app = serving.build_app(model, tokenizer, "tiny", cb_config=config)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+    server, thread, base_url = serving.serve_in_thread(app)
+    url = base_url.removesuffix("/v1")
+    client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=60, max_retries=0)
     yield model, tokenizer, client, url
     server.should_exit = True
     thread.join(10)
