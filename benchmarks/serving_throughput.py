@@ -7,13 +7,14 @@ Three servers, each transformers' own server on its continuous-batching engine, 
 - `iav mixed alphas`: the same server, requests cycling through alphas 0 / 0.5 / 1 / 1.5 / 2.
 
 Each round sends the same `--requests` chat requests (the first user turns of the HH-RLHF sample, greedy,
-`--max-tokens` each) from `--clients` concurrent `openai` clients to each server; throughput is completion tokens
-(the `usage` the server reports) per second of wall time, from the first request sent to the last answer. Ratios
-are the median over rounds of the per-round ratio. The head has random weights (std 0.02): speed does not depend on
-what it learned, but its outputs differ from the base model's, so response lengths, and with them the batches, may
-differ between servers; tokens per second accounts for the lengths.
+`--max-tokens` each) from `--clients` concurrent `openai` clients to each server, the variants in a rotated order
+(each one first, second and third in turn: later runs in a round ran faster); throughput is completion tokens (the
+`usage` the server reports) per second of wall time, from the first request sent to the last answer. Ratios are the
+median over rounds of the per-round ratio; use a multiple of 3 rounds. The head has random weights (std 0.02):
+speed does not depend on what it learned, but its outputs differ from the base model's, so response lengths, and
+with them the batches, may differ between servers; tokens per second accounts for the lengths.
 
-Usage: OMP_NUM_THREADS=2 python benchmarks/serving_throughput.py [--model ...] [--rounds 3] [--json out.json]
+Usage: OMP_NUM_THREADS=2 python benchmarks/serving_throughput.py [--model ...] [--rounds 6] [--json out.json]
        (smoke test: --model tiny --requests 8 --max-tokens 8 --rounds 1)
 """
 
@@ -113,7 +114,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--num-blocks", type=int, default=256)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--json", default=None)
@@ -135,10 +136,13 @@ def main() -> None:
         "iav mixed alphas": ("iav", [ALPHAS[i % len(ALPHAS)] for i in range(len(prompts))]),
     }
     rounds = []
+    names = list(workloads)
     for index in range(args.rounds):
+        order = names[index % len(names) :] + names[: index % len(names)]  # each variant in each position in turn
         result = {
-            name: throughput(servers[app][2], prompts, alphas, args) for name, (app, alphas) in workloads.items()
+            name: throughput(servers[workloads[name][0]][2], prompts, workloads[name][1], args) for name in order
         }
+        result = {name: result[name] for name in names}
         rounds.append(result)
         print(f"round {index + 1}: " + ", ".join(f"{n} {r['tokens_per_s']:.1f} tok/s" for n, r in result.items()))
     ratios = {
