@@ -145,6 +145,7 @@ class AlignedBatchingManager(CBGenerateManager):
     def __init__(self, model: IAVModel, cb_config: ContinuousBatchingConfig | None = None):
         super().__init__(cb_config=cb_config)
         self.iav_model = model
+        self._hooks: list = []  # on the base model while the engine runs; `stop` removes them
 
     def init_cb(self, model, gen_config) -> None:
         if self._cb is not None:
@@ -172,8 +173,10 @@ class AlignedBatchingManager(CBGenerateManager):
                 iav_model.set_engine_strengths(None)
 
         base = iav_model.get_base_model()
-        base.register_forward_pre_hook(set_strengths, with_kwargs=True)
-        base.register_forward_hook(clear_strengths, with_kwargs=True)
+        self._hooks = [
+            base.register_forward_pre_hook(set_strengths, with_kwargs=True),
+            base.register_forward_hook(clear_strengths, with_kwargs=True),
+        ]
         add_request = engine.add_request
 
         def add_request_with_strengths(*args, **kwargs):
@@ -182,6 +185,12 @@ class AlignedBatchingManager(CBGenerateManager):
         engine.add_request = add_request_with_strengths
         self._cb = engine
         engine.start()
+
+    def stop(self) -> None:
+        super().stop()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
 
 class AlignedGenerationState(GenerationState):

@@ -210,3 +210,21 @@ def test_throughput_benchmark_runs_every_server_and_reports_both_ratios(tmp_path
     assert set(row) == {"base", "iav one alpha", "iav mixed alphas"}
     assert all(r["tokens"] > 0 and r["tokens"] <= 6 * 4 for r in row.values())
     assert report["ratios"]["iav_vs_base"] == row["iav one alpha"]["tokens_per_s"] / row["base"]["tokens_per_s"]
+
+
+def test_stopping_the_engine_removes_its_hooks_from_the_model():
+    """A second app on the same model (or the model used on its own afterwards) meets no hook of the first."""
+    model = get_iav_model(tiny_causal_lm("llama", vocab_size=400).eval(), AlignmentHeadConfig(4, 16))
+    base = model.get_base_model()
+    before = (dict(base._forward_pre_hooks), dict(base._forward_hooks))
+    app = serving.build_app(model, train_tokenizer(CORPUS, vocab_size=400), "tiny")
+    server, thread, base_url = serving.serve_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=60, max_retries=0)
+        complete(client, PROMPTS[0], alpha=1.0)  # the engine starts, and hooks the model, on its first request
+        assert len(base._forward_pre_hooks) == len(before[0]) + 1 and len(base._forward_hooks) == len(before[1]) + 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        app.state.generation_state.shutdown()
+    assert (dict(base._forward_pre_hooks), dict(base._forward_hooks)) == before
