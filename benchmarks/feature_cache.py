@@ -11,7 +11,8 @@ cached runs the backbone pass that fills the cache, into an empty cache director
 - `iav_target_kl`: `iav_cached` with `target_kl` set: the KL per token at alpha 1 it reaches on the held-out
   prompts, sampled (`real_data_methods.sample_kl`, exact decoding distributions) and teacher-forced on the held-out
   pairs, against the target;
-- `iav_sweep4`: `iav_cached` with a 4-value `lambda_kl_sweep` (4 heads from the one pass), against `iav_cached`.
+- `iav_sweep4`: `iav_cached` with a 4-value `lambda_kl_sweep` (4 heads from the one pass), against `iav_cached`;
+- `iav_sweep4_uncached`: `iav` with the same sweep (4 heads from one backbone pass per step), against `iav`.
 
 Writes `feature_cache.json` and `feature_cache.md` into `output_dir`.
 
@@ -50,7 +51,7 @@ from transformers import HfArgumentParser  # noqa: E402
 
 from iav_trl.base_models import load_base_tokenizer  # noqa: E402
 
-VARIANTS = ("iav", "iav_cached", "dpo_lora", "iav_target_kl", "iav_sweep4")
+VARIANTS = ("iav", "iav_cached", "dpo_lora", "iav_target_kl", "iav_sweep4", "iav_sweep4_uncached")
 TIME_VS_UNCACHED, TIME_VS_DPO, KL_TOLERANCE, SWEEP_VS_SINGLE = 0.6, 0.12, 0.2, 1.5  # the bars
 SWEEP = [0.1, 0.3, 1.0, 3.0]
 
@@ -87,7 +88,7 @@ def timed_run(config: FeatureCacheConfig, variant: str, train: Dataset, save_dir
         settings["precompute_backbone_features"] = True
     if variant == "iav_target_kl":
         settings["target_kl"] = config.target_kl
-    if variant == "iav_sweep4":
+    if variant in ("iav_sweep4", "iav_sweep4_uncached"):
         settings["lambda_kl_sweep"] = SWEEP
     learning_rate = config.dpo_learning_rate if method == "dpo_lora" else config.iav_learning_rate
     model = load_model(config.model)
@@ -172,6 +173,9 @@ def benchmark(config: FeatureCacheConfig) -> dict:
     if "iav_sweep4" in runs:
         sweep = runs["iav_sweep4"]["total_seconds"] / cached
         bar["sweep4_vs_single_head"] = {"ratio": sweep, "passed": sweep <= SWEEP_VS_SINGLE}
+    if "iav_sweep4_uncached" in runs:
+        sweep = runs["iav_sweep4_uncached"]["total_seconds"] / plain
+        bar["sweep4_uncached_vs_single_head_uncached"] = {"ratio": sweep, "passed": sweep <= SWEEP_VS_SINGLE}
     return {
         "config": asdict(config),
         "environment": {"threads": torch.get_num_threads(), "python": platform.python_version()},

@@ -32,9 +32,12 @@ def test_every_variant_trains_the_same_steps_and_the_bar_is_computed(results):
         "cached_vs_dpo_lora",
         "target_kl_sampled_within_20_percent",
         "sweep4_vs_single_head",
+        "sweep4_uncached_vs_single_head_uncached",
     }
     ratio = runs["iav_cached"]["total_seconds"] / runs["iav"]["total_seconds"]
     assert results["bar"]["cached_vs_uncached"]["ratio"] == pytest.approx(ratio)
+    sweep = runs["iav_sweep4_uncached"]["total_seconds"] / runs["iav"]["total_seconds"]
+    assert results["bar"]["sweep4_uncached_vs_single_head_uncached"]["ratio"] == pytest.approx(sweep)
     assert runs["iav_target_kl"]["final_lambda_kl"] != 1.0  # the controller moved lambda_kl (default start: 1.0)
     kl = results["target_kl"]
     assert kl["sampled"]["stepwise_kl_per_token"] > 0 and kl["teacher_forced_on_heldout_pairs"] > 0
