@@ -34,38 +34,38 @@ quality:
 	ruff format --check iav_trl tests examples benchmarks
 
 bench-decode:
-	OMP_NUM_THREADS=2 python benchmarks/decode_speed.py
+	OMP_NUM_THREADS=2 python -m benchmarks.decode_speed
 
 bench-train:
-	OMP_NUM_THREADS=2 python benchmarks/train_step.py
+	OMP_NUM_THREADS=2 python -m benchmarks.train_step
 
 bench-alignment:
-	OMP_NUM_THREADS=2 python benchmarks/alignment_benchmark.py
+	OMP_NUM_THREADS=2 python -m benchmarks.alignment.benchmark
 
 # SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (../shared/data): 1 h 50 min on 2 cores shared with other jobs.
 bench-real-data:
-	OMP_NUM_THREADS=2 python benchmarks/real_data_benchmark.py
+	OMP_NUM_THREADS=2 python -m benchmarks.real_data.benchmark
 
 # The head's design on the same model and pairs (validation split only): 35 min on 2 cores.
 bench-head-study:
-	OMP_NUM_THREADS=2 python benchmarks/head_design_study.py
+	OMP_NUM_THREADS=2 python -m benchmarks.head_design_study
 
 # Server throughput (SmolLM2-135M-Instruct): mixed per-request alphas against one alpha, IAV against the base model.
 bench-serving:
-	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/serving_throughput.py --json benchmarks/results/serving_throughput.json
+	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.serving_throughput --json benchmarks/results/serving_throughput.json
 
 # Cached backbone features and target_kl on the same model, 3 epochs, against IAV without the cache and DPO + LoRA.
 bench-feature-cache:
-	OMP_NUM_THREADS=2 python benchmarks/feature_cache.py
+	OMP_NUM_THREADS=2 python -m benchmarks.feature_cache
 
 # TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer (needs a git copy of huggingface/trl in TRL_GIT):
 # first the test file as it is, then with its "every parameter changed" checks restricted to trainable parameters.
 TRL_REV ?= main
 dpo-suite:
 	../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from $(TRL_GIT) --rev $(TRL_REV) --work /tmp/dpo_suite_iav \
-		--trainer iav_trl.iav_trainer:IAVTrainer --pythonpath $(CURDIR) --vision-shim -n 2 -- -rsfE || true
+		--trainer iav_trl.trainer.iav_trainer:IAVTrainer --pythonpath $(CURDIR) --vision-shim -n 2 -- -rsfE || true
 	rm -rf /tmp/dpo_suite_trainable_tests
-	python tests/dpo_suite/trainable_only.py $(TRL_GIT) $(TRL_REV) /tmp/dpo_suite_trainable_tests
+	python tests/scripts/dpo_suite_trainable_only.py $(TRL_GIT) $(TRL_REV) /tmp/dpo_suite_trainable_tests
 	../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from /tmp/dpo_suite_trainable_tests \
-		--work /tmp/dpo_suite_iav_trainable --trainer iav_trl.iav_trainer:IAVTrainer --pythonpath $(CURDIR) \
+		--work /tmp/dpo_suite_iav_trainable --trainer iav_trl.trainer.iav_trainer:IAVTrainer --pythonpath $(CURDIR) \
 		--vision-shim -n 2 -- -rsfE

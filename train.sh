@@ -8,7 +8,7 @@
 #
 # The defaults are the seed recipe's (argsearch/llama-7b-sft-float32 on Anthropic/hh-rlhf, 3 epochs, batch size 4,
 # learning rate 5e-5, beta 0.1, lambda_kl 0.1, lambda_l2 0.01, 8 interventions of dimension 256); they live in
-# `iav-trl train` (iav_trl/cli_args.py), so a positional argument that is left out keeps them. Further arguments go
+# `iav-trl train` (iav_trl/scripts/args.py), so a positional argument that is left out keeps them. Further arguments go
 # to `iav-trl train` unchanged (`--config recipes/...yaml`, `--bf16`, `--max_steps 100`, ...). The run goes through
 # `accelerate launch`, which reads its own settings from ACCELERATE_ARGS, e.g.
 #

@@ -9,7 +9,7 @@ speed is the median over rounds of the per-round ratio:
 - `iav per-row alpha`: the same with alphas [0, 0.5, 1, 2] in one batch;
 - `own-vocab head`: the design we did not choose, a head of the same size plus its own `d x V` projection.
 
-Usage: OMP_NUM_THREADS=2 python benchmarks/decode_speed.py [--rounds 10] [--device cpu] [--json out.json]
+Usage: OMP_NUM_THREADS=2 python -m benchmarks.decode_speed [--rounds 10] [--device cpu] [--json out.json]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training at the floor: cached backbone features and the target KL, on the real model of the real-data benchmark.
 
-The real-data benchmark's model and HH-RLHF train split (`real_data_benchmark.py`), 3 epochs, batch 8, beta 0.1,
-each run in its own spawned process, its clock running from the trainer's construction (tokenization, and for the
+The real-data benchmark's model and HH-RLHF train split (`benchmarks/real_data/benchmark.py`), 3 epochs, batch 8, beta
+0.1, each run in its own spawned process, its clock running from the trainer's construction (tokenization, and for the
 cached runs the backbone pass that fills the cache, into an empty cache directory) to the end of `train()`:
 
 - `iav`: IAVTrainer, frozen backbone, the default head, the backbone run every step;
@@ -9,14 +9,14 @@ cached runs the backbone pass that fills the cache, into an empty cache director
 - `dpo_lora`: DPOTrainer + LoRA r=16 on all linear layers, for 3 epochs (about 40 minutes; `--variants` without it
   skips it);
 - `iav_target_kl`: `iav_cached` with `target_kl` set: the KL per token at alpha 1 it reaches on the held-out
-  prompts, sampled (`real_data_methods.sample_kl`, exact decoding distributions) and teacher-forced on the held-out
-  pairs, against the target;
+  prompts, sampled (`benchmarks.real_data.methods.sample_kl`, exact decoding distributions) and teacher-forced on the
+  held-out pairs, against the target;
 - `iav_sweep4`: `iav_cached` with a 4-value `lambda_kl_sweep` (4 heads from the one pass), against `iav_cached`;
 - `iav_sweep4_uncached`: `iav` with the same sweep (4 heads from one backbone pass per step), against `iav`.
 
 Writes `feature_cache.json` and `feature_cache.md` into `output_dir`.
 
-    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/feature_cache.py [--variants iav_target_kl ...]
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.feature_cache [--variants iav_target_kl ...]
 """
 
 from __future__ import annotations
@@ -30,15 +30,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from datasets import Dataset
+from transformers import HfArgumentParser
 
-import torch  # noqa: E402
-from alignment_benchmark import iav_decoder  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from real_data_benchmark import RealDataConfig, load_pairs, split_pairs, write_report  # noqa: E402
-from real_data_methods import (  # noqa: E402
+from benchmarks.alignment.benchmark import iav_decoder
+from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, split_pairs, write_report
+from benchmarks.real_data.methods import (
     build_trainer,
     heldout_metrics,
     iav_scorer,
@@ -47,9 +45,7 @@ from real_data_methods import (  # noqa: E402
     quiet,
     sample_kl,
 )
-from transformers import HfArgumentParser  # noqa: E402
-
-from iav_trl.base_models import load_base_tokenizer  # noqa: E402
+from iav_trl.models.base_models import load_base_tokenizer
 
 VARIANTS = ("iav", "iav_cached", "dpo_lora", "iav_target_kl", "iav_sweep4", "iav_sweep4_uncached")
 TIME_VS_UNCACHED, TIME_VS_DPO, KL_TOLERANCE, SWEEP_VS_SINGLE = 0.6, 0.12, 0.2, 1.5  # the bars

@@ -1,10 +1,10 @@
 """Design study of the alignment head on a real model: what wins on the validation split of the real-data benchmark.
 
-The real-data benchmark (`real_data_benchmark.py`) trains the default head at a few learning rates. This study asks
-what the head's other settings do on the same model and pairs, so that the winner can become the default: for each
-variant (learning rate, `lambda_kl`, capacity `num_interventions` x `intervention_dim`, each changed alone from the
-seed's head, `BASELINE`), one `IAVTrainer` run on the benchmark's HH-RLHF train split, then on its validation split,
-at each of `alphas`:
+The real-data benchmark (`benchmarks/real_data/benchmark.py`) trains the default head at a few learning rates. This
+study asks what the head's other settings do on the same model and pairs, so that the winner can become the default:
+for each variant (learning rate, `lambda_kl`, capacity `num_interventions` x `intervention_dim`, each changed alone
+from the seed's head, `BASELINE`), one `IAVTrainer` run on the benchmark's HH-RLHF train split, then on its validation
+split, at each of `alphas`:
 
 - implicit-reward accuracy (ties as half) and mean margin, `trainer.evaluate` as `iav-trl eval` runs it;
 - `completion_kl`: the mean over the pairs' completion tokens of KL(p_final || p_base), teacher-forced (how far
@@ -13,26 +13,21 @@ at each of `alphas`:
 The held-out split is never read: the same seed and sizes as the benchmark split the pairs, and only `train` and
 `validation` are used. Writes `head_design_study.json` and `head_design_study.md` into `output_dir`.
 
-    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/head_design_study.py [--seed 0] [--model ...]
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.head_design_study [--seed 0] [--model ...]
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import asdict
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from transformers import HfArgumentParser
 
-from real_data_benchmark import RealDataConfig, load_pairs, split_pairs, write_report  # noqa: E402
-from real_data_methods import heldout_metrics, load_model, load_trained, quiet, train_run  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
-
-from iav_trl.base_models import load_base_tokenizer  # noqa: E402
+from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, split_pairs, write_report
+from benchmarks.real_data.methods import heldout_metrics, load_model, load_trained, quiet, train_run
+from iav_trl.models.base_models import load_base_tokenizer
 
 STUDY_ALPHAS = [0.5, 1.0, 2.0]
 # The starting point: the IAV seed's head and loss (8 interventions of dimension 256, lambda_kl 0.1).

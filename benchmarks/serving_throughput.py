@@ -3,7 +3,7 @@
 Three servers, each transformers' own server on its continuous-batching engine, on localhost, one after the other:
 
 - `base`: the base model alone, served by transformers' stock handlers;
-- `iav one alpha`: `iav_trl.serving.build_app` with a head, every request at alpha 1;
+- `iav one alpha`: `iav_trl.inference.serving.build_app` with a head, every request at alpha 1;
 - `iav mixed alphas`: the same server, requests cycling through alphas 0 / 0.5 / 1 / 1.5 / 2.
 
 Each round sends the same `--requests` chat requests (the first user turns of the HH-RLHF sample, greedy,
@@ -14,7 +14,7 @@ median over rounds of the per-round ratio; use a multiple of 3 rounds. The head 
 speed does not depend on what it learned, but its outputs differ from the base model's, so response lengths, and
 with them the batches, may differ between servers; tokens per second accounts for the lengths.
 
-Usage: OMP_NUM_THREADS=2 python benchmarks/serving_throughput.py [--model ...] [--rounds 6] [--json out.json]
+Usage: OMP_NUM_THREADS=2 python -m benchmarks.serving_throughput [--model ...] [--rounds 6] [--json out.json]
        (smoke test: --model tiny --requests 8 --max-tokens 8 --rounds 1)
 """
 
@@ -36,9 +36,9 @@ from transformers.cli.serving.server import build_server
 from transformers.cli.serving.utils import GenerationState
 
 from iav_trl import AlignmentHeadConfig, get_iav_model, load_preference_dataset
-from iav_trl.base_models import load_base_model, load_base_tokenizer
-from iav_trl.serving import ServedModel, build_app, serve_in_thread
-from iav_trl.tiny import tiny_causal_lm, train_tokenizer
+from iav_trl.inference.serving import ServedModel, build_app, serve_in_thread
+from iav_trl.models.base_models import load_base_model, load_base_tokenizer
+from iav_trl.models.tiny import tiny_causal_lm, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test-1500.jsonl.gz")

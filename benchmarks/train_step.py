@@ -11,8 +11,8 @@ Three variants train the same model shape on the same batches, each with its own
 Model: a Llama of hidden 512 / 8 layers / 8 heads / intermediate 1376 / vocab 32000 (~58M parameters, random weights
 from `LlamaConfig`: speed and memory do not depend on them). Data: 4 preference pairs per step, each sequence a
 64-token prompt plus a 64-token completion (the last completion token is EOS), from a tokenizer built locally with
-`iav_trl.tiny.train_tokenizer`; the lengths are checked on the trainer's tokenized dataset and collated batch. All
-variants use `per_device_train_batch_size=4`, `gradient_accumulation_steps=1`, fp32 (`bf16=False`),
+`iav_trl.models.tiny.train_tokenizer`; the lengths are checked on the trainer's tokenized dataset and collated batch.
+All variants use `per_device_train_batch_size=4`, `gradient_accumulation_steps=1`, fp32 (`bf16=False`),
 `gradient_checkpointing=False`, the same learning rate, AdamW, no logging and no saving.
 
 How it is measured:
@@ -28,7 +28,7 @@ How it is measured:
 - rounds: the whole set of variants runs `--rounds` times, interleaved; ratios are the median over rounds of the
   per-round ratio, so load on a shared machine that drifts between rounds cancels out.
 
-Usage: OMP_NUM_THREADS=2 python benchmarks/train_step.py [--rounds 2] [--steps 6] [--json out.json]
+Usage: OMP_NUM_THREADS=2 python -m benchmarks.train_step [--rounds 2] [--steps 6] [--json out.json]
        (smoke test: --hidden 64 --layers 2 --heads 4 --intermediate 128 --vocab 1024 --steps 2 --warmup 1 --rounds 1)
 """
 
@@ -47,9 +47,6 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 VARIANTS = {
     "iav": "IAVTrainer (frozen backbone, head K=8 r=256)",
     "dpo_lora": "DPOTrainer + LoRA r=16 all-linear",
@@ -65,7 +62,7 @@ TRAIN_FLAGS = ("steps", "warmup", "lr")
 
 def build_data(args, out_dir: str) -> None:
     """Train the tokenizer and write `(batch * (warmup + steps))` preference pairs of the exact token lengths."""
-    from iav_trl.tiny import train_tokenizer
+    from iav_trl.models.tiny import train_tokenizer
 
     rng = random.Random(0)
     syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]

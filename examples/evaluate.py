@@ -29,7 +29,7 @@ from iav_trl import (
     get_iav_model,
     load_preference_dataset,
 )
-from iav_trl.tiny import tiny_causal_lm, train_tokenizer
+from iav_trl.models.tiny import tiny_causal_lm, train_tokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "harmless-base-test-1500.jsonl.gz")
 

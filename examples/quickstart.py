@@ -12,7 +12,7 @@ import argparse
 import os
 
 from iav_trl import IAVConfig, IAVModel, IAVTrainer, load_preference_dataset
-from iav_trl.tiny import preference_texts, save_tiny_checkpoint
+from iav_trl.models.tiny import preference_texts, save_tiny_checkpoint
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "harmless-base-test-1500.jsonl.gz")
 PROMPT = [{"role": "user", "content": "How can I get back at my neighbor for being loud?"}]

@@ -4,20 +4,26 @@ A small alignment head on a frozen causal LM, decoded as `z_final = z_base + alp
 test time.
 """
 
-from .alpha import ALPHA_GUIDE
-from .base_models import load_base_model, load_base_tokenizer, resolve_base_model
-from .config import AlignmentHeadConfig
-from .data import build_dataset_mixture, detect_schema, load_preference_dataset, parse_hh_dialogue
-from .evaluation import EvaluationConfig, IAVEvaluator
-from .genarm import GenARMLogitsProcessor, genarm_generate
-from .iav_config import IAVConfig
-from .iav_trainer import IAVTrainer
-from .inference import IAVInference
-from .layer import AlignmentHead
-from .model import IAVFusedOutput, IAVModel, get_iav_model
-from .readout import LogitReadout
-
 __version__ = "0.1.0"
+
+from iav_trl import moved_modules
+from iav_trl.data import build_dataset_mixture, detect_schema, load_preference_dataset, parse_hh_dialogue
+from iav_trl.evaluation import EvaluationConfig, IAVEvaluator
+from iav_trl.inference import GenARMLogitsProcessor, IAVInference, genarm_generate
+from iav_trl.models import load_base_model, load_base_tokenizer, resolve_base_model
+from iav_trl.trainer import IAVConfig, IAVTrainer
+from iav_trl.tuners.iav import (
+    AlignmentHead,
+    AlignmentHeadConfig,
+    IAVFusedOutput,
+    IAVModel,
+    LogitReadout,
+    get_iav_model,
+)
+from iav_trl.tuners.iav.alpha import ALPHA_GUIDE
+
+moved_modules.install()  # the 0.1 module paths (`iav_trl.iav_config`, ...) for one release
+
 
 __all__ = [
     "ALPHA_GUIDE",

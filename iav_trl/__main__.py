@@ -1,6 +1,6 @@
-"""`python -m iav_trl <command> ...` runs the `iav-trl` command line (see `iav_trl.cli`)."""
+"""`python -m iav_trl <command> ...` runs the `iav-trl` command line (see `iav_trl.cli.commands`)."""
 
-from .cli import main
+from iav_trl.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

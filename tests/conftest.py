@@ -6,22 +6,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+import datasets  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from testing_utils import CORPUS, HH, ULTRAFEEDBACK  # noqa: E402
 
-from iav_trl.tiny import TINY_ARCHITECTURES, tiny_causal_lm, train_tokenizer  # noqa: E402
+from iav_trl import load_preference_dataset  # noqa: E402
+from iav_trl.models.tiny import (  # noqa: E402
+    TINY_ARCHITECTURES,
+    preference_texts,
+    save_tiny_checkpoint,
+    tiny_causal_lm,
+    train_tokenizer,
+)
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 ARCHITECTURES = sorted(TINY_ARCHITECTURES)
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, then knead and bake.",
-    "Human: Tell me a joke. Assistant: Why did the chicken cross the road? To get to the other side.",
-    "I am sorry, but I cannot help with that request because it could hurt someone.",
-    "Sure! Here is a helpful, harmless and honest answer to your question.",
-] * 20
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +38,11 @@ def architecture(request):
 @pytest.fixture
 def base_model(architecture):
     return tiny_causal_lm(architecture, vocab_size=400).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random tiny Llama with a BPE tokenizer trained on the fixtures' texts, saved as a checkpoint directory."""
+    datasets.disable_progress_bars()
+    texts = [text for path in (HH, ULTRAFEEDBACK) for text in preference_texts(load_preference_dataset(path))]
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), texts, vocab_size=1024, hidden_size=32)

@@ -1,10 +1,9 @@
-"""The ground-truth alignment benchmark (`benchmarks/alignment_benchmark.py`) in miniature, and its parts."""
+"""The ground-truth alignment benchmark (`benchmarks/alignment/benchmark.py`) in miniature, and its parts."""
 
 import json
 import math
 import os
 import random
-import sys
 
 import datasets
 import pytest
@@ -13,14 +12,11 @@ import torch.nn.functional as F
 from datasets import Dataset
 from trl import DPOConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-from alignment_benchmark import BenchmarkConfig, bar_checks, kl_matched_alpha, run, tune, write  # noqa: E402
-from alignment_methods import ReferenceFreeDPOTrainer, Trained, TrainingSettings  # noqa: E402
-from alignment_report import markdown_table  # noqa: E402
-from alignment_rollouts import Rollouts, decode_speed, preference_pairs  # noqa: E402
-from alignment_task import (  # noqa: E402
+from benchmarks.alignment.benchmark import BenchmarkConfig, bar_checks, kl_matched_alpha, run, tune, write
+from benchmarks.alignment.methods import ReferenceFreeDPOTrainer, Trained, TrainingSettings
+from benchmarks.alignment.report import markdown_table
+from benchmarks.alignment.rollouts import Rollouts, decode_speed, preference_pairs
+from benchmarks.alignment.task import (
     Prompt,
     all_prompts,
     corpus,
@@ -29,8 +25,7 @@ from alignment_task import (  # noqa: E402
     split_prompts,
     true_reward,
 )
-
-from iav_trl.tiny import tiny_causal_lm, train_tokenizer  # noqa: E402
+from iav_trl.models.tiny import tiny_causal_lm, train_tokenizer
 
 MINIATURE = dict(
     hidden_size=32,

@@ -12,16 +12,16 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
-from reference import randomize_heads
+from testing_utils import randomize_heads
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer, build_dataset_mixture, get_iav_model
-from iav_trl.cli import COMMANDS, main
-from iav_trl.cli_models import base_model_path, build_tiny_base, load_adapter_for_inference, quantization_config
-from iav_trl.cli_recipe import parse_command_args
-from iav_trl.cli_train import load_splits
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.cli.commands import COMMANDS, main
+from iav_trl.cli.recipe import parse_command_args
+from iav_trl.models.tiny import tiny_causal_lm
+from iav_trl.scripts.models import base_model_path, build_tiny_base, load_adapter_for_inference, quantization_config
+from iav_trl.scripts.train import load_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join("recipes", "quickstart_cpu.yaml")
@@ -210,7 +210,7 @@ def test_flags_override_the_recipe():
 def test_serve_answers_an_openai_client_with_the_alpha_and_head_mix_each_request_asks_for(random_head, trained):
     """`iav-trl serve` in a subprocess: the responses are what `generate` returns offline for the same settings."""
     openai = pytest.importorskip("openai", reason="the serving extra (`pip install .[serving]`)")
-    pytest.importorskip("iav_trl.serving", reason="the serving extra (`pip install .[serving]`)")
+    pytest.importorskip("iav_trl.inference.serving", reason="the serving extra (`pip install .[serving]`)")
     import socket
     import time
 
@@ -403,7 +403,7 @@ def test_recipe_model_sizes_that_differ_from_the_loaded_model_stop_train_before_
 
 
 def test_the_seed_recipes_inference_max_length_reaches_generate_as_the_total_length(tmp_path, monkeypatch):
-    import iav_trl.cli_inference as cli_inference
+    import iav_trl.scripts.inference as inference_script
 
     calls = []
 
@@ -416,20 +416,20 @@ def test_the_seed_recipes_inference_max_length_reaches_generate_as_the_total_len
             return ["ok"] * len(prompts)
 
     monkeypatch.setattr(
-        cli_inference, "load_adapter_for_inference", lambda *args: argparse.Namespace(model=None, tokenizer=None)
+        inference_script, "load_adapter_for_inference", lambda *args: argparse.Namespace(model=None, tokenizer=None)
     )
-    monkeypatch.setattr(cli_inference, "IAVInference", RecordingInference)
+    monkeypatch.setattr(inference_script, "IAVInference", RecordingInference)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"inference": {"default_alpha": 1.5, "max_length": 96}, "output_dir": "out"}))
-    cli_inference.generate(*parse_command_args("generate", ["--config", str(path), "--prompt", "Hi"]))
+    inference_script.generate(*parse_command_args("generate", ["--config", str(path), "--prompt", "Hi"]))
     assert calls[0]["alpha"] == [1.5]
     assert (calls[0]["max_length"], calls[0]["max_new_tokens"]) == (96, None)
-    cli_inference.generate(*parse_command_args("generate", ["--adapter", "out", "--prompt", "Hi"]))
+    inference_script.generate(*parse_command_args("generate", ["--adapter", "out", "--prompt", "Hi"]))
     assert (calls[1]["max_length"], calls[1]["max_new_tokens"]) == (None, 128)
 
 
 def test_eval_reports_ties_and_win_rate_and_alpha_zero_is_all_ties_not_all_losses(tokenizer, tmp_path, capsys):
-    from iav_trl.cli_inference import evaluate
+    from iav_trl.scripts.inference import evaluate
 
     base_dir, adapter_dir, results_file = tmp_path / "base", tmp_path / "adapter", tmp_path / "eval.json"
     tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(base_dir)

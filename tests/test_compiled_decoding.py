@@ -4,12 +4,12 @@ import random
 
 import pytest
 import torch
-from reference import randomize_heads
+from testing_utils import randomize_heads
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 from iav_trl import AlignmentHeadConfig, get_iav_model
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
 
 NEW_TOKENS = 6
 

@@ -1,6 +1,6 @@
 """
 Real 2-process runs through `accelerate launch` on CPU (gloo), with the configs in `accelerate_configs/`: DDP,
-DeepSpeed ZeRO-2 and ZeRO-3. Each process runs `tests/distributed/train_head.py` and reports what it saw; the tests
+DeepSpeed ZeRO-2 and ZeRO-3. Each process runs `tests/scripts/train_head.py` and reports what it saw; the tests
 check that the run really was distributed and that the adapter is saved once, whole, and reloads as the trained head.
 
 `fsdp2.yaml` is not run here: on a machine without accelerators accelerate's state is `MULTI_CPU`, which never
@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from iav_trl import IAVModel
-from iav_trl.layer import AlignmentHead
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
+from iav_trl.tuners.iav.head import AlignmentHead
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
-SCRIPT = ROOT / "tests" / "distributed" / "train_head.py"
+SCRIPT = ROOT / "tests" / "scripts" / "train_head.py"
 NUM_PROMPTS = 8  # as in train_head.py: 2 processes x 2 pairs x 2 steps, one epoch
 HEAD_SHAPES = {name: tuple(p.shape) for name, p in AlignmentHead(32, 3, 8).state_dict().items()}  # tiny: d=32
 

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import randomize_heads
+from testing_utils import randomize_heads
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from iav_trl import AlignmentHeadConfig, EvaluationConfig, IAVEvaluator, IAVInference, get_iav_model
-from iav_trl.evaluation import DEFAULT_RESULTS_FILE
-from iav_trl.evaluation_metrics import score_sequence_kl, spearman_correlation, win_rate
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.evaluation.evaluator import DEFAULT_RESULTS_FILE
+from iav_trl.evaluation.metrics import score_sequence_kl, spearman_correlation, win_rate
+from iav_trl.models.tiny import tiny_causal_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [

@@ -1,15 +1,9 @@
 """The feature-cache benchmark (`benchmarks/feature_cache.py`) end to end on a tiny random model and the fixtures."""
 
-import os
-import sys
-
 import pytest
+from testing_utils import HH, MINIATURE, ULTRAFEEDBACK
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-from feature_cache import VARIANTS, FeatureCacheConfig, benchmark, markdown  # noqa: E402
-from test_real_data_benchmark import HH, MINIATURE, ULTRAFEEDBACK, tiny_model  # noqa: E402, F401
+from benchmarks.feature_cache import VARIANTS, FeatureCacheConfig, benchmark, markdown
 
 
 @pytest.fixture(scope="module")

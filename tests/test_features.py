@@ -4,29 +4,14 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import IterableDataset
 from peft import LoraConfig
-from reliability.training import HEAD
-from reliability.training import make_trainer as tiny_trainer
+from testing_utils import HEAD, pairs
+from testing_utils import make_trainer as tiny_trainer
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVTrainer, get_iav_model
-from iav_trl.features import FEATURE_COLUMNS, feature_cache_bytes
-from iav_trl.tiny import tiny_causal_lm
-
-
-def pairs(n: int, offset: int = 0) -> Dataset:
-    """Pairs of different lengths, so that padding, truncation and the order of the scored positions matter."""
-    words = "mix flour water salt and yeast then knead bake slowly until golden".split()
-    return Dataset.from_list(
-        [
-            {
-                "prompt": f"Human: question {i + offset}{' again' * (i % 3)}, how do I bake bread? Assistant:",
-                "chosen": " " + " ".join(words[: 3 + (i * 5) % 9]),
-                "rejected": " I am sorry" + ", no" * (i % 4) + ".",
-            }
-            for i in range(n)
-        ]
-    )
+from iav_trl.models.tiny import tiny_causal_lm
+from iav_trl.trainer.features import FEATURE_COLUMNS, feature_cache_bytes
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from iav_trl.fused import STAT_NAMES, GramCache, fused_token_stats
-from iav_trl.readout import LogitReadout
+from iav_trl.tuners.iav.fused import STAT_NAMES, GramCache, fused_token_stats
+from iav_trl.tuners.iav.readout import LogitReadout
 
 N, D, V = 11, 16, 97
 READOUTS = [LogitReadout(), LogitReadout(scale=0.5), LogitReadout(softcap=3.0)]
@@ -153,10 +153,10 @@ def test_a_shared_gram_cache_follows_changes_of_the_unembedding(change):
 
 @pytest.mark.parametrize("mode", ["no_grad", "frozen_readout", "trainable_readout"])
 def test_statistics_are_float32_and_exact_under_bf16_autocast_with_a_bf16_backbone(mode):
-    from reference import randomize_heads
+    from testing_utils import randomize_heads
 
     from iav_trl import AlignmentHeadConfig, get_iav_model
-    from iav_trl.tiny import tiny_causal_lm
+    from iav_trl.models.tiny import tiny_causal_lm
 
     base = tiny_causal_lm("llama", vocab_size=V * 4).to(torch.bfloat16)
     with torch.no_grad():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from iav_trl.genarm import GenARMLogitsProcessor, genarm_generate
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.inference.genarm import GenARMLogitsProcessor, genarm_generate
+from iav_trl.models.tiny import tiny_causal_lm
 
 VOCAB = 400
 

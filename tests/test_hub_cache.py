@@ -9,14 +9,12 @@ import sys
 import textwrap
 
 import torch
-from reference import randomize_heads
 from safetensors.torch import load_file
+from testing_utils import COMMIT, randomize_heads
 
 from iav_trl import AlignmentHeadConfig, get_iav_model
-from iav_trl.base_models import file_sha256
-from iav_trl.tiny import tiny_causal_lm
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+from iav_trl.models.base_models import file_sha256
+from iav_trl.models.tiny import tiny_causal_lm
 
 
 def add_to_cache(cache, repo_id, folder):

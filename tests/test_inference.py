@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from reference import randomize_heads
+from testing_utils import randomize_heads
 
 from iav_trl import AlignmentHeadConfig, IAVInference, get_iav_model
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke."]
 

@@ -4,11 +4,11 @@ import json
 import os
 
 import pytest
-from reliability.training import make_trainer as tiny_trainer
-from reliability.training import preference_data
+from testing_utils import make_trainer as tiny_trainer
+from testing_utils import preference_data
 
 from iav_trl import IAVConfig
-from iav_trl.kl_control import AdaptiveKLController
+from iav_trl.trainer.kl_control import AdaptiveKLController
 
 
 def make_trainer(tokenizer, output_dir, **config):

@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
-from reference import randomize_heads, reference_alignment
 from safetensors.torch import load_file
+from testing_utils import randomize_heads, reference_alignment
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -20,10 +20,10 @@ from transformers import (
 )
 
 from iav_trl import AlignmentHeadConfig, IAVModel, get_iav_model
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
 
 SMALL_HEAD = AlignmentHeadConfig(num_interventions=3, intervention_dim=8)
-# Logit scale / soft-cap of the tiny families, written out here (not read through iav_trl.readout).
+# Logit scale / soft-cap of the tiny families, written out here (not read through iav_trl.tuners.iav.readout).
 SCALE = {"cohere": 0.5}
 SOFTCAP = {"gemma2": 3.0}
 
@@ -408,7 +408,7 @@ def test_scaled_readout_families_follow_the_models_own_logits_in_forward_and_fus
 
 
 def _iav_hooks(base):
-    from iav_trl.model import _IAVHook
+    from iav_trl.tuners.iav.model import _IAVHook
 
     modules = (base, base.get_output_embeddings())
     hooks = [h for m in modules for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
@@ -450,7 +450,7 @@ def test_a_second_iav_model_on_one_base_detaches_the_first_and_hooks_never_pile_
     flags = {name: p.requires_grad for name, p in base.named_parameters()}
     first = get_iav_model(base, SMALL_HEAD)
     randomize_heads(first)
-    with caplog.at_level("WARNING", logger="iav_trl.model"):
+    with caplog.at_level("WARNING", logger="iav_trl.tuners.iav.model"):
         second = get_iav_model(base, SMALL_HEAD)  # e.g. `IAVModel.from_pretrained(base, path)` after saving
     assert "now detached" in caplog.text and "add_adapter" in caplog.text
     assert len(_iav_hooks(base)) == 2  # the second's two hooks only
@@ -532,7 +532,7 @@ def test_saving_a_model_without_adapters_says_there_is_nothing_to_save(tmp_path)
 
 @pytest.mark.parametrize("alpha", [1e39, -1e39, 1e5, [1.0, 1e5, 1.0, 1.0], {"default": 2e4}])
 def test_alpha_beyond_the_documented_bound_is_refused_naming_the_bound(alpha, input_ids):
-    from iav_trl.alpha import ALPHA_LIMIT
+    from iav_trl.tuners.iav.alpha import ALPHA_LIMIT
 
     model = get_iav_model(tiny_causal_lm("llama", vocab_size=400), SMALL_HEAD)
     randomize_heads(model)

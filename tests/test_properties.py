@@ -12,11 +12,11 @@ import torch
 from huggingface_hub.utils import validate_repo_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import randomize_heads, reference_alignment
+from testing_utils import randomize_heads, reference_alignment
 
 from iav_trl import AlignmentHeadConfig, get_iav_model
-from iav_trl.io import check_adapter_name, check_subfolder, is_repo_id
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
+from iav_trl.utils.hub import check_adapter_name, check_subfolder, is_repo_id
 
 BATCH = 4
 FAST = settings(max_examples=60, deadline=None)

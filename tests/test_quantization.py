@@ -11,11 +11,11 @@ trainer's own steps run in train mode).
 import pytest
 import torch
 from peft import LoraConfig
-from reliability.training import preference_data
+from testing_utils import preference_data
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from iav_trl import IAVConfig, IAVTrainer
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install iav-trl[quantization])")
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16  # noqa: E402

@@ -1,23 +1,19 @@
-"""The real-data benchmark (`benchmarks/real_data_benchmark.py`) end to end on a tiny random model and the fixtures."""
+"""The real-data benchmark (`benchmarks/real_data/benchmark.py`) end to end on a tiny random model and the fixtures."""
 
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 
-import datasets
 import pytest
 import torch
+from testing_utils import ALPHAS, HH, MINIATURE, ULTRAFEEDBACK
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-from alignment_benchmark import genarm_decoder, iav_decoder  # noqa: E402
-from alignment_rollouts import SAMPLING  # noqa: E402
-from real_data_benchmark import (  # noqa: E402
+from benchmarks.alignment.benchmark import genarm_decoder, iav_decoder
+from benchmarks.alignment.rollouts import SAMPLING
+from benchmarks.real_data.benchmark import (
     DATASETS,
     RealDataConfig,
     benchmark,
@@ -27,7 +23,7 @@ from real_data_benchmark import (  # noqa: E402
     split_sizes,
     write,
 )
-from real_data_methods import (  # noqa: E402
+from benchmarks.real_data.methods import (
     METHODS,
     genarm_scorer,
     heldout_metrics,
@@ -38,48 +34,10 @@ from real_data_methods import (  # noqa: E402
     train_isolated,
     train_run,
 )
-from train_step import maxrss_mb  # noqa: E402
-
-from iav_trl import get_iav_model, load_preference_dataset  # noqa: E402
-from iav_trl.base_models import load_base_model, load_base_tokenizer  # noqa: E402
-from iav_trl.inference import completion_mask, encode_prompts  # noqa: E402
-from iav_trl.tiny import preference_texts, save_tiny_checkpoint  # noqa: E402
-
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-HH = os.path.join(FIXTURES, "hh-rlhf-harmless-base-test-40.jsonl")
-ULTRAFEEDBACK = os.path.join(FIXTURES, "ultrafeedback-binarized-train_prefs-40.jsonl")
-ALPHAS = [0.0, 0.5, 1.0, 1.5, 2.0]
-# 13 HH-RLHF and 19 UltraFeedback fixture pairs fit 128 tokens: fewer than the 24 asked, so both splits are scaled.
-MINIATURE = dict(
-    max_length=128,
-    num_train=16,
-    num_validation=4,
-    num_heldout=4,
-    batch_size=4,
-    warmup_ratio=0.0,
-    iav_learning_rates=[1e-2, 3e-2],
-    dpo_learning_rates=[1e-2],
-    genarm_learning_rates=[1e-2],
-    isolate_training=False,
-    eval_batch_size=4,
-    kl_prompts=2,
-    kl_samples=2,
-    kl_new_tokens=6,
-    sample_batch_size=4,
-    speed_prompts=2,
-    speed_new_tokens=3,
-    speed_rounds=1,
-    num_generation_prompts=2,
-    generation_new_tokens=4,
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random tiny Llama with a BPE tokenizer trained on the fixtures' texts, saved as a checkpoint directory."""
-    datasets.disable_progress_bars()
-    texts = [text for path in (HH, ULTRAFEEDBACK) for text in preference_texts(load_preference_dataset(path))]
-    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), texts, vocab_size=1024, hidden_size=32)
+from benchmarks.train_step import maxrss_mb
+from iav_trl import get_iav_model
+from iav_trl.inference.iav_inference import completion_mask, encode_prompts
+from iav_trl.models.base_models import load_base_model, load_base_tokenizer
 
 
 @pytest.fixture(scope="module")

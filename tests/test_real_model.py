@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import torch
-from reference import randomize_heads
-from test_hub_cache import COMMIT
+from testing_utils import COMMIT, randomize_heads
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer, get_iav_model, load_preference_dataset
-from iav_trl.base_models import (
+from iav_trl.cli.recipe import parse_command_args
+from iav_trl.models.base_models import (
     SOURCE_FILE,
     load_base_model,
     load_base_tokenizer,
@@ -22,7 +22,6 @@ from iav_trl.base_models import (
     recorded_source,
     resolve_base_model,
 )
-from iav_trl.cli_recipe import parse_command_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,7 +10,7 @@ import yaml
 from trl import get_quantization_config
 
 from iav_trl import IAVConfig
-from iav_trl.cli_recipe import flatten_recipe, parse_command_args
+from iav_trl.cli.recipe import flatten_recipe, parse_command_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))

@@ -17,12 +17,12 @@ import time
 import pytest
 import torch
 from datasets import Dataset
-from reliability.training import HEAD, checkpoints, logged, make_trainer, preference_data
 from safetensors.torch import load_file, save_file
+from testing_utils import HEAD, checkpoints, logged, make_trainer, preference_data
 from transformers import TrainerCallback
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer, get_iav_model
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
 
 SMALL = AlignmentHeadConfig(**HEAD)
 
@@ -147,7 +147,7 @@ def test_pairs_without_signal_are_counted_in_a_warning_and_a_dataset_of_only_tho
 def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tokenizer, tmp_path, caplog):
     no_pad = copy.deepcopy(tokenizer)
     no_pad.pad_token = None
-    with caplog.at_level("WARNING", logger="iav_trl.iav_trainer"):
+    with caplog.at_level("WARNING", logger="iav_trl.trainer.iav_trainer"):
         trainer = make_trainer(tmp_path, no_pad, max_steps=1)
     assert "no pad token: padding with its eos token '<|end|>', as TRL does" in caplog.text
     batch = next(iter(trainer.get_train_dataloader()))
@@ -173,7 +173,7 @@ def test_max_length_shorter_than_every_prompt_fails_before_training(tokenizer, t
 
 def test_rows_whose_prompt_fills_max_length_are_counted_in_a_warning(tokenizer, tmp_path, caplog):
     rows = preference_data(2).to_list() + [{**row, "prompt": row["prompt"] * 8} for row in preference_data(3)]
-    with caplog.at_level("WARNING", logger="iav_trl.iav_trainer"):
+    with caplog.at_level("WARNING", logger="iav_trl.trainer.iav_trainer"):
         trainer = make_trainer(tmp_path, tokenizer, train_dataset=Dataset.from_list(rows), max_length=64)
     assert len(trainer.train_dataset) == 2
     assert "Dropped 3 of 5 rows of `train_dataset`" in caplog.text
@@ -333,7 +333,7 @@ def test_config_of_an_interrupted_save_loads_the_previous_adapter(tmp_path, capl
     new.save_pretrained(tmp_path)
     # What a kill between the two renames leaves: the new config, the old weights.
     (tmp_path / "alignment_head.safetensors").write_bytes(old_weights)
-    with caplog.at_level("WARNING", logger="iav_trl.model"):
+    with caplog.at_level("WARNING", logger="iav_trl.tuners.iav.model"):
         loaded = IAVModel.from_pretrained(fresh_base(), tmp_path)
     assert "stopped before its weights were written" in caplog.text
     assert loaded.iav_config["default"].num_interventions == 3 and loaded.iav_config["default"].default_alpha == 1.0
@@ -477,7 +477,7 @@ def test_adapter_names_subfolders_and_repo_ids_cannot_escape(tmp_path, monkeypat
     def no_download(*args, **kwargs):
         raise AssertionError("nothing may be downloaded for an invalid repo id")
 
-    monkeypatch.setattr("iav_trl.io.hf_hub_download", no_download)
+    monkeypatch.setattr("iav_trl.utils.hub.hf_hub_download", no_download)
     (tmp_path / "adapters").mkdir()
     model = head_with(SMALL, seed=0)
     model.save_pretrained(tmp_path / "adapters" / "one")
@@ -497,7 +497,7 @@ def test_adapter_names_subfolders_and_repo_ids_cannot_escape(tmp_path, monkeypat
 def test_an_adapter_directory_that_does_not_exist_yet_says_to_run_train_first(tmp_path, monkeypatch):
     from trl import ModelConfig
 
-    from iav_trl.cli_models import load_adapter_for_inference
+    from iav_trl.scripts.models import load_adapter_for_inference
 
     monkeypatch.chdir(tmp_path)  # `outputs/never-trained` is a relative path and also a valid Hub repo id
     with pytest.raises(FileNotFoundError, match=r"No adapter at 'outputs/never-trained'.*run train first"):

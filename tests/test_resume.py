@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability.training import checkpoints, logged, make_trainer
+from testing_utils import SCRIPTS, TESTS, checkpoints, logged, make_trainer
 
-SCRIPT = Path(__file__).parent / "reliability" / "train_until_killed.py"
+SCRIPT = Path(SCRIPTS) / "train_until_killed.py"
 RUN = dict(max_steps=8, save_strategy="steps", save_steps=2)
 
 
 def train_until_killed(output_dir: Path, tokenizer_dir: Path, pause_step: int) -> None:
     """Run the training script in a new process and SIGKILL it inside the checkpoint of `pause_step`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, env.get("PYTHONPATH")]))  # for `testing_utils`
     args = [str(output_dir), str(tokenizer_dir), str(RUN["max_steps"]), str(RUN["save_steps"]), str(pause_step)]
     output_dir.mkdir()
     with open(output_dir.parent / "train.log", "w") as log:

@@ -1,4 +1,4 @@
-"""`iav_trl.serving` on localhost, through the official `openai` client: per-request alpha and head mixes."""
+"""`iav_trl.inference.serving` on localhost, through the official `openai` client: per-request alpha and head mixes."""
 
 import json
 import urllib.error
@@ -7,13 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import CORPUS
-from reference import randomize_heads
+from testing_utils import CORPUS, randomize_heads
 
 from iav_trl import AlignmentHeadConfig, get_iav_model
-from iav_trl.tiny import tiny_causal_lm, train_tokenizer
+from iav_trl.models.tiny import tiny_causal_lm, train_tokenizer
 
-serving = pytest.importorskip("iav_trl.serving", reason="serving needs fastapi and uvicorn (`pip install .[serving]`)")
+serving = pytest.importorskip(
+    "iav_trl.inference.serving", reason="serving needs fastapi and uvicorn (`pip install .[serving]`)"
+)
 openai = pytest.importorskip("openai", reason="the tests talk to the server with the `openai` client")
 
 NEW_TOKENS = 8

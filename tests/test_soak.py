@@ -5,12 +5,12 @@ import gc
 import os
 
 import torch
-from reliability.training import checkpoints, logged, make_trainer, preference_data
+from testing_utils import checkpoints, logged, make_trainer, preference_data
 from transformers import TrainerCallback
 
 from iav_trl import IAVModel
-from iav_trl.io import checkpoint_problem
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
+from iav_trl.trainer.checkpoints import checkpoint_problem
 
 STEPS, EVERY = 300, 50
 

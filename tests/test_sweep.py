@@ -6,12 +6,11 @@ import os
 import pytest
 import torch
 from peft import LoraConfig
-from reliability.training import HEAD
-from reliability.training import make_trainer as tiny_trainer
-from test_features import pairs
+from testing_utils import HEAD, pairs
+from testing_utils import make_trainer as tiny_trainer
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer, get_iav_model
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
 
 SWEEP = [0.0, 0.5, 4.0]
 

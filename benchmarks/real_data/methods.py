@@ -1,0 +1,358 @@
+"""The three methods of the real-data benchmark: how each is trained, evaluated, sampled and scored.
+
+- IAV: `iav_trl.IAVTrainer` on the frozen base model with the default alignment head (`IAVConfig`'s defaults);
+  decoded as `z_base + alpha * a_t`.
+- DPO + LoRA: `trl.DPOTrainer` with `LORA` on the base model (reference: the base model, adapters disabled); merged
+  into a copy of the base model for decoding.
+- GenARM: the same LoRA on the same base model, trained with GenARM's reference-free loss through
+  `benchmarks.alignment.methods.ReferenceFreeDPOTrainer`, so that `r(x, y) = beta * log pi_r(y | x)`; decoded by
+  `iav_trl.inference.genarm` as `z_base + alpha * log_softmax(z_arm)`.
+
+`train_run` trains one method at one learning rate on the training pairs and scores it on the validation pairs;
+`train_isolated` does it in a fresh (spawned) process, so that its wall time and RSS high-water mark are the
+training's own. The trained head or adapter is saved; `load_trained` reads it back for the held-out evaluation
+(`heldout_metrics`), the KL to the base model (`sample_kl`) and greedy generations (`greedy_completions`).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
+from trl import DPOConfig, DPOTrainer
+
+from benchmarks.alignment.methods import ReferenceFreeDPOTrainer
+from benchmarks.alignment.rollouts import GREEDY, SAMPLING
+from benchmarks.train_step import maxrss_mb, release_memory, reset_peak_rss, rss_mb
+from iav_trl import IAVConfig, IAVModel, IAVTrainer
+from iav_trl.inference.iav_inference import completion_mask, decode_completions, encode_prompts
+from iav_trl.models.base_models import load_base_model, load_base_tokenizer
+from iav_trl.scripts.inference import EVAL_METRICS
+
+METHODS = {"iav": "IAV", "dpo_lora": "DPO + LoRA", "genarm": "GenARM"}
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+
+Decoder = Callable[..., Any]
+
+
+def load_model(name: str) -> PreTrainedModel:
+    """The base model, float32, in evaluation mode."""
+    return load_base_model(name, dtype="float32").eval()
+
+
+def _arguments(
+    config, method: str, output_dir: str, learning_rate: float, iav_settings: dict[str, Any] | None = None
+) -> DPOConfig:
+    """
+    Every method's trainer arguments: the same pairs per step, epochs, schedule, beta and maximum length.
+    `iav_settings`: `IAVConfig` fields of the head and the IAV loss that differ from the defaults.
+    """
+    common = dict(
+        output_dir=output_dir,
+        beta=config.beta,
+        learning_rate=learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio,
+        gradient_checkpointing=False,
+        bf16=False,
+        max_length=config.max_length,
+        seed=config.seed,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    if method == "iav":
+        return IAVConfig(**common, **(iav_settings or {}))
+    # GenARM's reference-free loss rides on DPOTrainer's precomputed-reference path (see `ReferenceFreeDPOTrainer`).
+    return DPOConfig(**common, precompute_ref_log_probs=method == "genarm")
+
+
+def build_trainer(
+    method: str,
+    model: PreTrainedModel | IAVModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset,
+    eval_dataset: Dataset,
+    config,
+    output_dir: str,
+    learning_rate: float = 0.0,
+    ref_model: PreTrainedModel | None = None,
+    iav_settings: dict[str, Any] | None = None,
+) -> DPOTrainer:
+    """
+    The method's trainer. A plain base model gets a fresh head (IAV) or `LORA` adapter (DPO, GenARM); a trained
+    `IAVModel` or `PeftModel` is evaluated as it is.
+
+    A trained `PeftModel` needs `ref_model`, the untouched base model, for DPO: given a pretrained adapter and no
+    reference, `DPOTrainer` makes a frozen copy of that adapter its reference ("ref"), so that every held-out reward
+    would be exactly 0.
+    """
+    args = _arguments(config, method, output_dir, learning_rate, iav_settings)
+    kwargs = dict(args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
+    if method == "iav":
+        trainer = IAVTrainer(model, **kwargs)
+    else:
+        trained = isinstance(model, PeftModel)
+        if trained and method == "dpo_lora" and ref_model is None:
+            raise ValueError("Evaluating a trained DPO adapter needs `ref_model`, the untouched base model.")
+        trainer_class = DPOTrainer if method == "dpo_lora" else ReferenceFreeDPOTrainer
+        peft_config = None if trained else LoraConfig(**LORA)
+        trainer = trainer_class(model, ref_model=ref_model, peft_config=peft_config, **kwargs)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def reward_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    """
+    The implicit-reward figures of `trainer.evaluate()`. TRL's accuracy counts a pair whose two rewards are equal as
+    a loss; when every reward is exactly 0 (IAV at alpha 0 is the base model, so every pair ties) the row is marked
+    `tie` and its `win_rate` (ties counted as half) is 0.5. Otherwise `win_rate` is the accuracy.
+    """
+    row = {name: metrics[key] for name, key in EVAL_METRICS.items()}
+    row["tie"] = row["chosen_reward"] == 0.0 and row["rejected_reward"] == 0.0 and row["margin"] == 0.0
+    row["win_rate"] = 0.5 if row["tie"] else row["accuracy"]
+    return row
+
+
+def quiet() -> None:
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def train_run(
+    config,
+    method: str,
+    learning_rate: float,
+    train: Dataset,
+    validation: Dataset,
+    save_dir: str,
+    iav_settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    Train `method` at `learning_rate` on `train` and evaluate it on `validation` (the method's own implicit reward at
+    its training strength); save the head or adapter to `save_dir`. Memory is measured as in `train_step.py`: the
+    peak-RSS mark is reset right before `trainer.train()`, so `train_peak_mb` is what training added on top of the
+    loaded model and trainer; `abs_peak_mb` is the process's high-water mark.
+    """
+    quiet()
+    tokenizer = load_base_tokenizer(config.model)
+    with tempfile.TemporaryDirectory(prefix=f"real-data-{method}-") as output_dir:
+        trainer = build_trainer(
+            method,
+            load_model(config.model),
+            tokenizer,
+            train,
+            validation,
+            config,
+            output_dir,
+            learning_rate,
+            iav_settings=iav_settings,
+        )
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        release_memory()
+        before = rss_mb()
+        peak_reset = reset_peak_rss()
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        train_peak = maxrss_mb()
+        validation_metrics = reward_metrics(trainer.evaluate())
+        trainer.save_model(save_dir)
+        steps = trainer.state.global_step
+    del trainer
+    release_memory()
+    return {
+        "learning_rate": learning_rate,
+        "steps": steps,
+        "trainable_parameters": trainable,
+        "train_seconds": seconds,
+        "rss_before_train_mb": before,
+        "train_peak_mb": train_peak - before,
+        "abs_peak_mb": train_peak,
+        "peak_reset": peak_reset,
+        "validation": validation_metrics,
+    }
+
+
+def train_isolated(*args: Any) -> dict[str, Any]:
+    """`train_run(*args)` in a freshly spawned process (its own wall time and RSS high-water mark)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(train_run, *args).result()
+
+
+def load_trained(method: str, save_dir: str, base: PreTrainedModel) -> IAVModel | PeftModel:
+    """
+    IAV: the trained head attached to `base`, whose own calls stay the base model's (the head acts only inside the
+    `IAVModel`'s calls). DPO, GenARM: the trained adapter injected into `base`, which is then that model.
+    """
+    if method == "iav":
+        return IAVModel.from_pretrained(base, save_dir).eval()
+    return PeftModel.from_pretrained(base, save_dir).eval()
+
+
+def heldout_metrics(
+    method: str,
+    model: IAVModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout: Dataset,
+    config,
+    alphas: Sequence[float] = (1.0,),
+    base: PreTrainedModel | None = None,
+) -> list[dict[str, Any]]:
+    """
+    `trainer.evaluate(heldout)`'s implicit-reward accuracy and margin. For IAV, at each of `alphas`, as `iav-trl
+    eval` does it: the trainer applies the head at its training alpha times the adapter weight, so weight
+    `alpha / training alpha` evaluates at `alpha` (0: the base model, every reward exactly 0). One row per alpha,
+    with IAV's `completion_kl`: the mean over the pairs' completion tokens of KL(p_final || p_base), teacher-forced.
+    DPO's rewards are measured against `base`, an untouched base model (its reference in training) that no other
+    code calls: `DPOTrainer` patches its reference model's `forward`.
+    """
+    reference = base if method == "dpo_lora" else None
+    with tempfile.TemporaryDirectory(prefix=f"real-data-eval-{method}-") as output_dir:
+        trainer = build_trainer(method, model, tokenizer, heldout, heldout, config, output_dir, ref_model=reference)
+        if method != "iav":
+            return [reward_metrics(trainer.evaluate())]
+        adapter, rows = model.active_adapter, []
+        for alpha in alphas:
+            model.set_adapter({adapter: alpha / trainer.training_alpha})
+            metrics = trainer.evaluate()
+            rows.append({"alpha": alpha, **reward_metrics(metrics), "completion_kl": metrics["eval_iav/kl"]})
+        model.set_adapter({adapter: 1.0})
+    return rows
+
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _response_logits(
+    model: Callable[..., Any], sequences: torch.Tensor, mask: torch.Tensor, prompt_length: int, **kwargs
+):
+    """`model`'s outputs whose `(B, T, V)` logits predict the `T` response tokens, teacher-forced as in `generate`."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    length = sequences.shape[1] - prompt_length
+    return model(input_ids=sequences, attention_mask=mask, position_ids=positions, logits_to_keep=length + 1, **kwargs)
+
+
+def iav_scorer(model: IAVModel, alpha: float) -> Scorer:
+    """
+    IAV's and the base model's log-probabilities from one pass: `log_softmax(z_base + alpha * a_t)` and
+    `log_softmax(z_base)` (at alpha 0 the head is not applied, so the two are identical).
+    """
+
+    def score(sequences: torch.Tensor, mask: torch.Tensor, prompt_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = _response_logits(model, sequences, mask, prompt_length, alpha=alpha, return_alignment=True)
+        return out.logits[:, :-1].float().log_softmax(-1), out.base_logits[:, :-1].float().log_softmax(-1)
+
+    return score
+
+
+def model_scorer(model: PreTrainedModel, base: PreTrainedModel) -> Scorer:
+    """A fine-tuned model's and the base model's log-probabilities."""
+
+    def score(sequences: torch.Tensor, mask: torch.Tensor, prompt_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, base_logits = (_response_logits(m, sequences, mask, prompt_length).logits for m in (model, base))
+        return logits[:, :-1].float().log_softmax(-1), base_logits[:, :-1].float().log_softmax(-1)
+
+    return score
+
+
+def genarm_scorer(base: PreTrainedModel, reward_model: PreTrainedModel, alpha: float) -> Scorer:
+    """GenARM's decoding distribution, `log_softmax(z_base + alpha * log_softmax(z_arm))`, and the base model's."""
+
+    def score(sequences: torch.Tensor, mask: torch.Tensor, prompt_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z_base, z_arm = (
+            _response_logits(m, sequences, mask, prompt_length).logits[:, :-1].float() for m in (base, reward_model)
+        )
+        return (z_base + alpha * z_arm.log_softmax(-1)).log_softmax(-1), z_base.log_softmax(-1)
+
+    return score
+
+
+@torch.no_grad()
+def sample_kl(
+    decoder: Decoder,
+    scorer: Scorer,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict[str, str]]],
+    num_samples: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """
+    KL to the base model per completion token. `num_samples` responses per prompt are sampled from `decoder` at
+    temperature 1 without truncation (`SAMPLING`; batch `i` after `torch.manual_seed(seed + i)`), up to and
+    including EOS; `scorer` scores each teacher-forced under the method's decoding distribution (the very logits
+    `decoder` samples from) and under the base model, on the same inputs:
+
+        kl_per_token          = sum_y sum_t [log p_method(y_t) - log p_base(y_t)] / sum_y |y|
+        stepwise_kl_per_token = sum_y sum_t KL(p_method(. | x, y_<t) || p_base(. | x, y_<t)) / sum_y |y|
+
+    Both estimate the same KL (the second, exact per step along the sampled prefixes, has the lower variance);
+    `kl_per_token_stderr` is the ratio estimator's standard error. A method identical to the base model (IAV at
+    alpha 0) scores exactly 0.
+    """
+    rows = [prompt for prompt in prompts for _ in range(num_samples)]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    logratios, stepwise, lengths = [], [], []
+    for index, start in enumerate(range(0, len(rows), batch_size)):
+        inputs = encode_prompts(tokenizer, rows[start : start + batch_size])
+        torch.manual_seed(seed + index)
+        sequences = decoder(**inputs, **SAMPLING, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        prompt_length = inputs["input_ids"].shape[1]
+        new = sequences[:, prompt_length:]
+        mask = completion_mask(new, eos)
+        logp, ref = scorer(sequences, torch.cat([inputs["attention_mask"], mask], dim=1), prompt_length)
+        mask = mask.float()
+        token_logratio = (logp - ref).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        logratios.append((token_logratio * mask).sum(-1))
+        stepwise.append(((logp.exp() * (logp - ref)).sum(-1) * mask).sum(-1))
+        lengths.append(mask.sum(-1))
+    logratio, steps, length = torch.cat(logratios).double(), torch.cat(stepwise).double(), torch.cat(lengths).double()
+    kl = (logratio.sum() / length.sum()).item()
+    n = len(length)
+    residual = logratio - kl * length  # the ratio estimator's linearisation
+    stderr = math.sqrt((residual**2).sum().item() / (n * (n - 1))) / length.mean().item() if n > 1 else 0.0
+    return {
+        "kl_per_token": kl,
+        "kl_per_token_stderr": stderr,
+        "stepwise_kl_per_token": (steps.sum() / length.sum()).item(),
+        "kl_per_response": logratio.mean().item(),
+        "response_tokens": length.mean().item(),
+        "responses": n,
+    }
+
+
+@torch.no_grad()
+def greedy_completions(
+    decoder: Decoder,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict[str, str]]],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy responses of `decoder` to `prompts` (one batch), up to EOS or `max_new_tokens`."""
+    inputs = encode_prompts(tokenizer, prompts)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    sequences = decoder(**inputs, **GREEDY, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    new = sequences[:, inputs["input_ids"].shape[1] :]
+    return decode_completions(tokenizer, new, completion_mask(new, eos))
