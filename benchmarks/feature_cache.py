@@ -38,6 +38,7 @@ from benchmarks.alignment.benchmark import iav_decoder
 from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, split_pairs, write_report
 from benchmarks.real_data.methods import (
     build_trainer,
+    feature_cache_in,
     heldout_metrics,
     iav_scorer,
     load_model,
@@ -88,24 +89,16 @@ def timed_run(config: FeatureCacheConfig, variant: str, train: Dataset, save_dir
         settings["lambda_kl_sweep"] = SWEEP
     learning_rate = config.dpo_learning_rate if method == "dpo_lora" else config.iav_learning_rate
     model = load_model(config.model)
-    previous = os.environ.get("IAV_TRL_CACHE")
-    with tempfile.TemporaryDirectory(prefix="feature-cache-") as work:
-        os.environ["IAV_TRL_CACHE"] = os.path.join(work, "cache")  # an empty cache: the pass is timed
-        try:
-            start = time.perf_counter()
-            trainer = build_trainer(
-                method, model, tokenizer, train, None, config, os.path.join(work, "out"), learning_rate,
-                iav_settings=settings,
-            )  # fmt: skip
-            construction = time.perf_counter() - start
-            trainer.train()
-            seconds = time.perf_counter() - start
-            trainer.save_model(save_dir)
-        finally:
-            if previous is None:
-                os.environ.pop("IAV_TRL_CACHE")
-            else:
-                os.environ["IAV_TRL_CACHE"] = previous
+    with tempfile.TemporaryDirectory(prefix="feature-cache-") as work, feature_cache_in(os.path.join(work, "cache")):
+        start = time.perf_counter()  # into an empty cache: the pass is timed
+        trainer = build_trainer(
+            method, model, tokenizer, train, None, config, os.path.join(work, "out"), learning_rate,
+            iav_settings=settings,
+        )  # fmt: skip
+        construction = time.perf_counter() - start
+        trainer.train()
+        seconds = time.perf_counter() - start
+        trainer.save_model(save_dir)
     run = {
         "variant": variant,
         "learning_rate": learning_rate,

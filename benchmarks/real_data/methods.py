@@ -16,11 +16,13 @@ training's own. The trained head or adapter is saved; `load_trained` reads it ba
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
+import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -81,7 +83,7 @@ def _arguments(
         dataloader_num_workers=0,
     )
     if method == "iav":
-        return IAVConfig(**common, **(iav_settings or {}))
+        return IAVConfig(**{**common, **(iav_settings or {})})
     # GenARM's reference-free loss rides on DPOTrainer's precomputed-reference path (see `ReferenceFreeDPOTrainer`).
     return DPOConfig(**common, precompute_ref_log_probs=method == "genarm")
 
@@ -217,20 +219,31 @@ def heldout_metrics(
     config,
     alphas: Sequence[float] = (1.0,),
     base: PreTrainedModel | None = None,
+    features_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """
     `trainer.evaluate(heldout)`'s implicit-reward accuracy and margin. For IAV, at each of `alphas`, as `iav-trl
     eval` does it: the trainer applies the head at its training alpha times the adapter weight, so weight
     `alpha / training alpha` evaluates at `alpha` (0: the base model, every reward exactly 0). One row per alpha,
     with IAV's `completion_kl`: the mean over the pairs' completion tokens of KL(p_final || p_base), teacher-forced.
+    The frozen backbone runs once over the held-out pairs for all the alphas (`precompute_backbone_features`, whose
+    metrics equal those of the backbone pass, see `tests/test_features.py`), into `features_dir` when given (so that
+    later evaluations of the same pairs reuse it), else into a cache deleted afterwards.
     DPO's rewards are measured against `base`, an untouched base model (its reference in training) that no other
     code calls: `DPOTrainer` patches its reference model's `forward`.
     """
     reference = base if method == "dpo_lora" else None
     with tempfile.TemporaryDirectory(prefix=f"real-data-eval-{method}-") as output_dir:
-        trainer = build_trainer(method, model, tokenizer, heldout, heldout, config, output_dir, ref_model=reference)
         if method != "iav":
+            trainer = build_trainer(
+                method, model, tokenizer, heldout, heldout, config, output_dir, ref_model=reference
+            )
             return [reward_metrics(trainer.evaluate())]
+        with feature_cache_in(features_dir or os.path.join(output_dir, "cache")):
+            trainer = build_trainer(
+                method, model, tokenizer, heldout, heldout, config, output_dir,
+                iav_settings={"precompute_backbone_features": True},
+            )  # fmt: skip
         adapter, rows = model.active_adapter, []
         for alpha in alphas:
             model.set_adapter({adapter: alpha / trainer.training_alpha})
@@ -238,6 +251,20 @@ def heldout_metrics(
             rows.append({"alpha": alpha, **reward_metrics(metrics), "completion_kl": metrics["eval_iav/kl"]})
         model.set_adapter({adapter: 1.0})
     return rows
+
+
+@contextlib.contextmanager
+def feature_cache_in(directory: str) -> Iterator[None]:
+    """Point iav-trl's cache (`IAV_TRL_CACHE`, where cached backbone features go) at `directory` inside the block."""
+    previous = os.environ.get("IAV_TRL_CACHE")
+    os.environ["IAV_TRL_CACHE"] = directory
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("IAV_TRL_CACHE")
+        else:
+            os.environ["IAV_TRL_CACHE"] = previous
 
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]

@@ -1,0 +1,160 @@
+"""Which `lambda_kl` should be the default: where alpha 1 lands, and how accuracy moves with alpha, over seeds.
+
+The head design study (`head_design_study.py`) chose `lambda_kl` 1.0 from one seed on 64 validation pairs, where one
+standard error of a win rate is about 0.06. This study repeats its two leading settings (`lambda_kl` 0.3 and 1.0, at
+learning rates 1e-3 and 3e-3) with `seeds` training seeds each, on 4x the validation pairs, so that a default can
+be chosen on figures that resolve the differences:
+
+- the same model, HH-RLHF training split, batch, steps and beta as the real-data benchmark;
+- validation: the benchmark's validation split plus the last `extra_validation` pairs of its shuffled pool, which
+  the benchmark never uses (its train, validation and held-out splits come first; checked). The held-out split is
+  never read;
+- at each of `alphas`: the implicit-reward win rate (ties as half) and mean margin (`trainer.evaluate`, as `iav-trl
+  eval` runs it), and `completion_kl`, the mean over the completion tokens of KL(p_final || p_base), teacher-forced.
+
+The frozen backbone runs once over the training pairs and once over the validation pairs for the whole study
+(`precompute_backbone_features`, shared cache); every run then trains and evaluates from the cached features, whose
+losses and metrics equal those of the backbone pass (`tests/test_features.py`). Writes `kl_default_study.json` and
+`kl_default_study.md` into `output_dir`.
+
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.kl_default_study
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from datasets import Dataset, concatenate_datasets
+from transformers import HfArgumentParser
+
+from benchmarks.head_design_study import variant_name
+from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, split_pairs, write_report
+from benchmarks.real_data.methods import feature_cache_in, heldout_metrics, load_model, load_trained, quiet, train_run
+from iav_trl.models.base_models import load_base_tokenizer
+
+
+@dataclass
+class KLDefaultConfig(RealDataConfig):
+    """The real-data benchmark's model, data and splits, plus the study's grid."""
+
+    learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={"help": "IAV learning rates."})
+    lambda_kls: list[float] = field(default_factory=lambda: [0.3, 1.0], metadata={"help": "`lambda_kl` values."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds (head, order)."})
+    extra_validation: int = field(
+        default=192, metadata={"help": "Pairs from the end of the shuffled pool added to the validation split."}
+    )
+    alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0], metadata={"help": "Alphas to score."})
+
+
+def study_splits(pairs: Dataset, config: KLDefaultConfig) -> dict[str, Dataset]:
+    """The benchmark's training split, and its validation split plus the pool's last `extra_validation` pairs."""
+    splits = split_pairs(pairs, config)
+    used = sum(len(split) for split in splits.values())
+    shuffled = pairs.shuffle(seed=config.seed).flatten_indices()
+    extra = min(config.extra_validation, len(shuffled) - used)
+    tail = shuffled.select(range(len(shuffled) - extra, len(shuffled)))
+    return {"train": splits["train"], "validation": concatenate_datasets([splits["validation"], tail])}
+
+
+def study(config: KLDefaultConfig) -> dict[str, Any]:
+    quiet()
+    start = time.perf_counter()
+    tokenizer = load_base_tokenizer(config.model)
+    pairs, _ = load_pairs(config.data_path("hh_rlhf"), tokenizer, config.max_length)
+    splits = study_splits(pairs, config)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="kl-default-study-") as work:
+        features = os.path.join(work, "features")
+        for learning_rate in config.learning_rates:
+            for lambda_kl in config.lambda_kls:
+                for seed in config.seeds:
+                    settings = {"lambda_kl": lambda_kl, "seed": seed, "precompute_backbone_features": True}
+                    save_dir = os.path.join(work, "head")
+                    with feature_cache_in(features):
+                        run = train_run(
+                            config, "iav", learning_rate, splits["train"], splits["validation"], save_dir, settings
+                        )
+                    model = load_trained("iav", save_dir, load_model(config.model))
+                    rows = heldout_metrics(
+                        "iav", model, tokenizer, splits["validation"], config, config.alphas, features_dir=features
+                    )
+                    runs.append(
+                        {
+                            "variant": variant_name(learning_rate, {"lambda_kl": lambda_kl}),
+                            "learning_rate": learning_rate,
+                            "lambda_kl": lambda_kl,
+                            "seed": seed,
+                            "train_seconds": run["train_seconds"],
+                            "validation": rows,
+                        }
+                    )
+                    print(f"[{time.perf_counter() - start:6.0f}s] {runs[-1]['variant']}, seed {seed}", flush=True)
+    return {
+        "config": asdict(config),
+        "pairs": {name: len(split) for name, split in splits.items()},
+        "runs": runs,
+        "summary": summarize(runs, config.alphas),
+        "wall_time_s": time.perf_counter() - start,
+    }
+
+
+def summarize(runs: list[dict[str, Any]], alphas: list[float]) -> list[dict[str, Any]]:
+    """Per variant and alpha: the mean over seeds of win rate, margin and completion KL, with the seeds' spread
+    (standard deviation of the seed means' mean), and whether the win rate rises from alpha 0.5 to 1 and from 1 to 2
+    in the seed mean."""
+    variants = {}
+    for run in runs:
+        variants.setdefault(run["variant"], []).append(run)
+    summary = []
+    for name, group in variants.items():
+        cells = {}
+        for index, alpha in enumerate(alphas):
+            rows = [run["validation"][index] for run in group]
+            cells[alpha] = {
+                key: statistics.fmean(row[key] for row in rows) for key in ("win_rate", "margin", "completion_kl")
+            }
+            spread = statistics.stdev(row["win_rate"] for row in rows) if len(rows) > 1 else 0.0
+            cells[alpha]["win_rate_seed_se"] = spread / math.sqrt(len(rows))
+        summary.append({"variant": name, "seeds": len(group), "alphas": cells})
+    return summary
+
+
+def report(results: dict[str, Any]) -> str:
+    config = results["config"]
+    alphas = config["alphas"]
+    header = ["variant", *(f"alpha {a:g}: win rate / margin / KL" for a in alphas)]
+    lines = [
+        f"## Default `lambda_kl` study: {config['model']} on HH-RLHF",
+        "",
+        f"{results['pairs']['train']} training pairs (one epoch, batch {config['batch_size']}), "
+        f"{results['pairs']['validation']} validation pairs; seeds {config['seeds']}, means over seeds "
+        f"(± the seeds' standard error of the win rate); {results['wall_time_s'] / 60:.0f} minutes in all. KL: mean "
+        "over the completion tokens of KL(p_final || p_base), teacher-forced.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+    ]
+    for row in results["summary"]:
+        cells = [
+            f"{c['win_rate']:.3f} ± {c['win_rate_seed_se']:.3f} / {c['margin']:.3f} / {c['completion_kl']:.3f}"
+            for c in (row["alphas"][a] for a in alphas)
+        ]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    (config,) = HfArgumentParser(KLDefaultConfig).parse_args_into_dataclasses()
+    results = study(config)
+    write_report(results, report(results), config.output_dir, "kl_default_study")
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
