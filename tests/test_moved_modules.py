@@ -22,7 +22,17 @@ def test_an_old_module_path_is_the_new_module_with_a_warning(old, new, monkeypat
 def test_old_package_level_names_of_modules_that_became_packages_still_import():
     from iav_trl.cli import COMMANDS, main  # noqa: F401
     from iav_trl.evaluation import DEFAULT_RESULTS_FILE, EvaluationConfig, IAVEvaluator  # noqa: F401
-    from iav_trl.inference import IAVInference, completion_mask, decode_completions, encode_prompts  # noqa: F401
+    from iav_trl.inference import (  # noqa: F401
+        DEFAULT_MAX_NEW_TOKENS,
+        IAVInference,
+        as_prompt_list,
+        completion_mask,
+        decode_completions,
+        encode_prompts,
+        format_prompt,
+        is_conversation,
+        sampling_kwargs,
+    )
 
 
 def test_training_args_pickled_under_the_old_class_path_load(tmp_path, monkeypatch):

@@ -255,7 +255,8 @@ def heldout_metrics(
 
 @contextlib.contextmanager
 def feature_cache_in(directory: str) -> Iterator[None]:
-    """Point iav-trl's cache (`IAV_TRL_CACHE`, where cached backbone features go) at `directory` inside the block."""
+    """Point iav-trl's cache (`IAV_TRL_CACHE`, where cached backbone features go) at `directory` inside the block.
+    GGUF bases are converted under the same root: load models outside the block to reuse their usual conversion."""
     previous = os.environ.get("IAV_TRL_CACHE")
     os.environ["IAV_TRL_CACHE"] = directory
     try:
