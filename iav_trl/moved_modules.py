@@ -4,7 +4,8 @@ folders (`iav_trl.model` is now `iav_trl.tuners.iav.model`, ...).
 Checkpoints pickle their `training_args.bin` by class path (`iav_trl.iav_config.IAVConfig`), and user code may import
 the old paths: each old name resolves to the new module itself (the same module object, not a copy), with a
 `FutureWarning` naming the new path. Old paths that are now packages (`iav_trl.cli`, `iav_trl.evaluation`,
-`iav_trl.inference`) re-export their old public names from the package instead.
+`iav_trl.inference`) re-export their old public names from the package instead. `iav_trl.io`, split in three,
+resolves to a module holding the public names of the three (`SPLIT_MODULES`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ MOVED_MODULES = {
 }
 
 
+# old module path -> the modules its public names went to
+SPLIT_MODULES = {"iav_trl.io": ("iav_trl.utils.files", "iav_trl.utils.hub", "iav_trl.trainer.checkpoints")}
+
+
 class _MovedModuleLoader(importlib.abc.Loader):
     def __init__(self, new_name: str):
         self.new_name = new_name
@@ -57,18 +62,25 @@ class _MovedModuleLoader(importlib.abc.Loader):
             FutureWarning,
             stacklevel=2,
         )
-        return importlib.import_module(self.new_name)
+        if spec.name not in SPLIT_MODULES:
+            return importlib.import_module(self.new_name)
+        module = ModuleType(spec.name, f"iav-trl 0.1's `{spec.name}`, now split into {self.new_name}.")
+        for name in SPLIT_MODULES[spec.name]:
+            source = importlib.import_module(name)
+            module.__dict__.update({k: v for k, v in vars(source).items() if not k.startswith("_")})
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """The new module was executed by its own import."""
+        """Nothing to run: `create_module` returned the new module, already executed by its own import (for a split
+        module, a module filled from the new ones)."""
 
 
 class MovedModuleFinder(importlib.abc.MetaPathFinder):
-    """Finds the old module paths of `MOVED_MODULES` and answers them with the new modules."""
+    """Finds the old module paths of `MOVED_MODULES` and `SPLIT_MODULES` and answers them with the new modules."""
 
     def find_spec(self, fullname: str, path=None, target=None):
-        new_name = MOVED_MODULES.get(fullname)
-        if new_name is None:
+        new_name = MOVED_MODULES.get(fullname) or ", ".join(SPLIT_MODULES.get(fullname, ()))
+        if not new_name:
             return None
         return importlib.util.spec_from_loader(fullname, _MovedModuleLoader(new_name))
 

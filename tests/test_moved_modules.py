@@ -19,6 +19,18 @@ def test_an_old_module_path_is_the_new_module_with_a_warning(old, new, monkeypat
     assert module is importlib.import_module(new)
 
 
+def test_the_split_io_module_still_holds_its_public_names(monkeypatch):
+    monkeypatch.delitem(sys.modules, "iav_trl.io", raising=False)
+    with pytest.warns(FutureWarning, match="`iav_trl.io` moved to"):
+        io = importlib.import_module("iav_trl.io")
+    from iav_trl.trainer.checkpoints import last_complete_checkpoint
+    from iav_trl.utils.files import atomic_write_text
+    from iav_trl.utils.hub import resolve_adapter_file
+
+    assert io.atomic_write_text is atomic_write_text and io.resolve_adapter_file is resolve_adapter_file
+    assert io.last_complete_checkpoint is last_complete_checkpoint and io.TRAINER_STATE_NAME == "trainer_state.json"
+
+
 def test_old_package_level_names_of_modules_that_became_packages_still_import():
     from iav_trl.cli import COMMANDS, main  # noqa: F401
     from iav_trl.evaluation import DEFAULT_RESULTS_FILE, EvaluationConfig, IAVEvaluator  # noqa: F401
