@@ -105,9 +105,8 @@ def study(config: KLDefaultConfig) -> dict[str, Any]:
 
 
 def summarize(runs: list[dict[str, Any]], alphas: list[float]) -> list[dict[str, Any]]:
-    """Per variant and alpha: the mean over seeds of win rate, margin and completion KL, with the seeds' spread
-    (standard deviation of the seed means' mean), and whether the win rate rises from alpha 0.5 to 1 and from 1 to 2
-    in the seed mean."""
+    """Per variant and alpha: the mean over seeds of win rate, margin and completion KL, and the standard error of
+    the mean win rate over the seeds (their standard deviation over the square root of their number)."""
     variants = {}
     for run in runs:
         variants.setdefault(run["variant"], []).append(run)
