@@ -32,10 +32,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import HfArgumentParser
 
 from benchmarks.alignment.benchmark import iav_decoder
-from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, split_pairs, write_report
+from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, report_main, split_pairs
 from benchmarks.real_data.methods import (
     build_trainer,
     feature_cache_in,
@@ -215,10 +214,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    (config,) = HfArgumentParser(FeatureCacheConfig).parse_args_into_dataclasses()
-    results = benchmark(config)
-    write_report(results, markdown(results), config.output_dir, "feature_cache")
-    print(markdown(results))
+    report_main(FeatureCacheConfig, benchmark, markdown, "feature_cache")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from transformers import HfArgumentParser
-
-from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, split_pairs, write_report
+from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, report_main, split_pairs
 from benchmarks.real_data.methods import heldout_metrics, load_model, load_trained, quiet, train_run
 from iav_trl.models.base_models import load_base_tokenizer
 
@@ -113,10 +111,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    (config,) = HfArgumentParser(RealDataConfig).parse_args_into_dataclasses()
-    results = study(config)
-    write_report(results, report(results), config.output_dir, "head_design_study")
-    print(report(results))
+    report_main(RealDataConfig, study, report, "head_design_study")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from datasets import Dataset, concatenate_datasets
-from transformers import HfArgumentParser
 
 from benchmarks.head_design_study import variant_name
-from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, split_pairs, write_report
+from benchmarks.real_data.benchmark import RealDataConfig, load_pairs, report_main, split_pairs
 from benchmarks.real_data.methods import feature_cache_in, heldout_metrics, load_model, load_trained, quiet, train_run
 from iav_trl.models.base_models import load_base_tokenizer
 
@@ -149,10 +148,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    (config,) = HfArgumentParser(KLDefaultConfig).parse_args_into_dataclasses()
-    results = study(config)
-    write_report(results, report(results), config.output_dir, "kl_default_study")
-    print(report(results))
+    report_main(KLDefaultConfig, study, report, "kl_default_study")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """The default-`lambda_kl` study (`benchmarks/kl_default_study.py`) on a tiny random model and the fixtures."""
 
+import json
+import sys
+
 import pytest
 from testing_utils import HH, MINIATURE, ULTRAFEEDBACK
 
+from benchmarks import kl_default_study
 from benchmarks.kl_default_study import KLDefaultConfig, study, study_splits
 from benchmarks.real_data.benchmark import load_pairs, split_pairs
 from iav_trl.models.base_models import load_base_tokenizer
@@ -40,3 +44,17 @@ def test_every_setting_and_seed_is_scored_at_every_alpha_and_summarized_over_see
     # different seeds train different heads: the same variant's two runs differ somewhere
     first, second = (run["validation"][1]["margin"] for run in results["runs"][:2])
     assert first != second
+
+
+def test_the_command_line_writes_the_figures_and_prints_the_report_it_wrote(tiny_model, tmp_path, monkeypatch, capsys):
+    config = miniature_config(tiny_model, tmp_path, lambda_kls=[1.0], seeds=[0])
+    flags = ["--model", tiny_model, "--hh_rlhf", HH, "--output_dir", str(tmp_path), "--lambda_kls", "1.0"]
+    for name in ("max_length", "num_train", "num_validation", "num_heldout", "batch_size", "eval_batch_size"):
+        flags += [f"--{name}", str(getattr(config, name))]
+    flags += ["--learning_rates", "0.01", "--seeds", "0", "--alphas", "1.0", "--extra_validation", "3"]
+    monkeypatch.setattr(sys, "argv", ["kl_default_study", *flags])
+    kl_default_study.main()
+    report = (tmp_path / "kl_default_study.md").read_text()
+    figures = json.loads((tmp_path / "kl_default_study.json").read_text())
+    assert capsys.readouterr().out.strip().endswith(report.strip())
+    assert [run["lambda_kl"] for run in figures["runs"]] == [1.0] and "| lr 0.01, lambda_kl=1 |" in report

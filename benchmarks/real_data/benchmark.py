@@ -64,7 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -663,6 +663,16 @@ def write_report(results: dict[str, Any], report: str, output_dir: str, stem: st
     with open(md_path, "w") as fh:
         fh.write(report)
     return json_path, md_path
+
+
+def report_main(config_class: type, run: Callable[[Any], dict[str, Any]], markdown: Callable, stem: str) -> None:
+    """A study's command line: its config from the flags (`HfArgumentParser(config_class)`), `run(config)`, then the
+    figures and `markdown(results)` written with `write_report` into `output_dir`, and the markdown printed."""
+    (config,) = HfArgumentParser(config_class).parse_args_into_dataclasses()
+    results = run(config)
+    report = markdown(results)
+    write_report(results, report, config.output_dir, stem)
+    print(report)
 
 
 def write(results: dict[str, Any], output_dir: str) -> tuple[str, str]:
