@@ -2,13 +2,15 @@
 
 import importlib
 import json
+import pathlib
 import pickle
+import re
 import sys
 
 import pytest
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVTrainer
-from iav_trl.moved_modules import MOVED_MODULES
+from iav_trl.moved_modules import MOVED_MODULES, SPLIT_MODULES
 
 
 @pytest.mark.parametrize("old, new", sorted(MOVED_MODULES.items()))
@@ -71,3 +73,21 @@ def test_an_adapter_config_written_by_0_1_with_its_revision_field_loads(tmp_path
     path.write_text(json.dumps({**data, "revision": None}))
     config = AlignmentHeadConfig.from_pretrained(str(tmp_path))
     assert (config.num_interventions, config.intervention_dim, config.hidden_size) == (2, 4, 8)
+
+
+def test_no_module_of_the_package_or_its_benchmarks_imports_a_0_1_path():
+    """The old paths are for users' code only: iav-trl itself would print the deprecation warning to its users."""
+    old = sorted({*MOVED_MODULES, *SPLIT_MODULES})
+    names = "|".join(re.escape(path.split(".", 1)[1]) for path in old)
+    pattern = re.compile(
+        rf"(from iav_trl import ({names})\b|import iav_trl\.({names})\b|from iav_trl\.({names}) import)"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for folder in ("iav_trl", "benchmarks", "examples")
+        for path in sorted((root / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders

@@ -101,7 +101,7 @@ def serve(serve_args: ServeArguments, model_args: ModelConfig) -> None:
     try:
         from transformers import ContinuousBatchingConfig
 
-        from iav_trl import serving
+        from iav_trl.inference import serving
     except ImportError as err:
         raise ImportError(f'`iav-trl serve` needs the serving extra: pip install "iav-trl[serving]" ({err}).') from err
     loaded = load_adapter_for_inference(model_args, serve_args.adapter, serve_args.trust_remote_code)
