@@ -1,9 +1,14 @@
 """The feature-cache benchmark (`benchmarks/feature_cache.py`) end to end on a tiny random model and the fixtures."""
 
+import dataclasses
+
 import pytest
 from testing_utils import HH, MINIATURE, ULTRAFEEDBACK
 
 from benchmarks.feature_cache import VARIANTS, FeatureCacheConfig, benchmark, markdown
+from iav_trl import IAVConfig
+
+DEFAULT_LAMBDA_KL = {field.name: field.default for field in dataclasses.fields(IAVConfig)}["lambda_kl"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +37,7 @@ def test_every_variant_trains_the_same_steps_and_the_bar_is_computed(results):
     assert results["bar"]["cached_vs_uncached"]["ratio"] == pytest.approx(ratio)
     sweep = runs["iav_sweep4_uncached"]["total_seconds"] / runs["iav"]["total_seconds"]
     assert results["bar"]["sweep4_uncached_vs_single_head_uncached"]["ratio"] == pytest.approx(sweep)
-    assert runs["iav_target_kl"]["final_lambda_kl"] != 1.0  # the controller moved lambda_kl (default start: 1.0)
+    assert runs["iav_target_kl"]["final_lambda_kl"] != DEFAULT_LAMBDA_KL  # the controller moved it
     kl = results["target_kl"]
     assert kl["sampled"]["stepwise_kl_per_token"] > 0 and kl["teacher_forced_on_heldout_pairs"] > 0
     report = markdown(results)
