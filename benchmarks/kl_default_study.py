@@ -27,6 +27,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,10 +124,22 @@ def summarize(runs: list[dict[str, Any]], alphas: list[float]) -> list[dict[str,
     return summary
 
 
+def seed_table(summary: list[dict[str, Any]], alphas: list[float], leading: dict[str, Callable]) -> list[str]:
+    """`summarize`'s rows as markdown table lines: the `leading` columns (header -> cell of a row), then per alpha the
+    mean win rate ± the seeds' standard error / mean margin / mean completion KL."""
+    header = [*leading, *(f"alpha {a:g}: win rate / margin / KL" for a in alphas)]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for row in summary:
+        cells = [
+            f"{c['win_rate']:.3f} ± {c['win_rate_seed_se']:.3f} / {c['margin']:.3f} / {c['completion_kl']:.3f}"
+            for c in (row["alphas"][a] for a in alphas)
+        ]
+        lines.append("| " + " | ".join([*(cell(row) for cell in leading.values()), *cells]) + " |")
+    return lines
+
+
 def report(results: dict[str, Any]) -> str:
     config = results["config"]
-    alphas = config["alphas"]
-    header = ["variant", *(f"alpha {a:g}: win rate / margin / KL" for a in alphas)]
     lines = [
         f"## Default `lambda_kl` study: {config['model']} on HH-RLHF",
         "",
@@ -135,15 +148,8 @@ def report(results: dict[str, Any]) -> str:
         f"(± the seeds' standard error of the win rate); {results['wall_time_s'] / 60:.0f} minutes in all. KL: mean "
         "over the completion tokens of KL(p_final || p_base), teacher-forced.",
         "",
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
+        *seed_table(results["summary"], config["alphas"], {"variant": lambda row: row["variant"]}),
     ]
-    for row in results["summary"]:
-        cells = [
-            f"{c['win_rate']:.3f} ± {c['win_rate_seed_se']:.3f} / {c['margin']:.3f} / {c['completion_kl']:.3f}"
-            for c in (row["alphas"][a] for a in alphas)
-        ]
-        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -454,11 +454,10 @@ class IAVModel(nn.Module):
         The base model's forward with `logits = z_final = z_base + alpha * a_t`.
 
         Args:
-            alpha: strength, see `iav_trl.tuners.iav.alpha` (a float, one value per row, `{adapter: value}`, or `None`
-            for
-                each adapter's `default_alpha`).
-            return_alignment: also return `base_logits` (`z_base`) and `alignment_logits`
-                (`sum_i alpha_i a_t^(i)`, so that `logits == base_logits + alignment_logits`).
+            alpha: strength, see `iav_trl.tuners.iav.alpha` (a float, one value per row, `{adapter: value}`, or
+                `None` for each adapter's `default_alpha`).
+            return_alignment: also return `base_logits` (`z_base`) and `alignment_logits` (`sum_i alpha_i a_t^(i)`,
+                so that `logits == base_logits + alignment_logits`).
             fused_lm_head: with `labels`, return an `IAVFusedOutput` of per-token statistics instead of logits
                 (TRL's fused LM head protocol; used by `IAVTrainer`). `backbone_features=` (the `(N, d)` output of
                 `scored_hidden_states`) then stands for the frozen backbone's pass, which is skipped; without
