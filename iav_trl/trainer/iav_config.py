@@ -40,9 +40,10 @@ class IAVConfig(DPOConfig):
         resting point (in the README's ground-truth benchmark, alpha 1 spent 1.12 / 0.76 / 0.28 nats per response
         at 0.1 / 0.3 / 1.0, against DPO's 0.98). 0.3 puts alpha 1 near the distance DPO reaches with the same beta on
         the same data: on SmolLM2-135M-Instruct and HH-RLHF (`benchmarks/kl_default_study.py`, 3 seeds, 256
-        validation pairs) alpha 1 moved the model 0.133 nats per token against DPO + LoRA's 0.170 (1.0: 0.064), at
-        the same validation accuracy within the seeds' spread, and alpha 2 still gained on alpha 1. Set `target_kl`
-        to choose the distance instead. The IAV seed recipe used 0.1, which `iav-trl train` without a recipe keeps.
+        validation pairs, learning rate 3e-3) alpha 1 moved the model 0.133 nats per token against DPO + LoRA's
+        0.170 (1.0: 0.064), at the same validation accuracy within the seeds' spread, and alpha 2 still gained on
+        alpha 1. The distance also grows with the learning rate and the steps (0.023 at 1e-3), so set `target_kl`
+        to choose it. The IAV seed recipe used 0.1, which `iav-trl train` without a recipe keeps.
     lambda_l2 (`float`, *optional*, defaults to `0.01`):
         Weight of `L_L2`, the mean over completion tokens of `(1/V) ||z_final - z_base||_2^2`, the squared RMS of the
         applied alignment logits (`||a_t||^2 / V` at `alpha = 1`). Raise it to keep alignment vectors small.
