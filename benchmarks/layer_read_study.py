@@ -1,4 +1,4 @@
-"""Does the head gain from reading more than the last layer? Held-out-free evidence for issue 11's accuracy gap.
+"""Does the head gain from reading more than the last layer, or from more capacity? Evidence for issue 11's gap.
 
 The alignment head reads `h_t`, the final (normed) hidden state, the one vector the base model's own next-token
 prediction is made from. DPO + LoRA changes every layer. This study asks whether the head is behind because the last
@@ -12,7 +12,8 @@ backbone pass, the residual stream of earlier decoder layers as well:
 
 `r_t^(l)` is the residual stream after decoder layer `l` and `norm` the model's final RMSNorm (the "logit lens"
 scaling: earlier layers' residual norms differ by orders of magnitude). Decoding would still need one vocabulary
-projection; only the read widens.
+projection; only the read widens. `head_sizes` also varies the head's capacity (`K x r`, the number and dimension
+of its interventions), the other thing the head could lack.
 
 So that the variants differ in the read alone, every variant is trained and scored by this module's own plain
 PyTorch loop, on the same features from one backbone pass:
@@ -59,6 +60,10 @@ class LayerReadConfig(KLDefaultConfig):
             "help": "Variants: comma-separated decoder layers (1-based) read besides the last; '' reads the last only."
         },
     )
+    head_sizes: list[str] = field(
+        default_factory=lambda: ["8x256"],
+        metadata={"help": "Head sizes, `KxR`: K interventions of dimension R (8x256 is the default head's)."},
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of every variant."})
     lambda_kl: float = field(default=0.3, metadata={"help": "Weight of the KL term (IAVConfig's default)."})
     lambda_l2: float = field(default=0.01, metadata={"help": "Weight of the alignment logits' squared RMS."})
@@ -69,6 +74,17 @@ class LayerReadConfig(KLDefaultConfig):
 def layer_sets(config: LayerReadConfig) -> list[tuple[int, ...]]:
     """The variants' extra layers, as sorted tuples (empty: the last layer alone)."""
     return [tuple(sorted(int(layer) for layer in spec.split(",") if layer.strip())) for spec in config.read_layers]
+
+
+def head_sizes(config: LayerReadConfig) -> list[tuple[int, int]]:
+    """The variants' head sizes as `(num_interventions, intervention_dim)`."""
+    sizes = []
+    for spec in config.head_sizes:
+        parts = spec.lower().split("x")
+        if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise ValueError(f"`head_sizes` entries are `KxR` with positive integers (e.g. 8x256), got {spec!r}.")
+        sizes.append((int(parts[0]), int(parts[1])))
+    return sizes
 
 
 def tokenize_pair(tokenizer, row: dict[str, Any]) -> dict[str, list[int]]:
@@ -107,13 +123,15 @@ def backbone_features(model, tokenizer, pairs: Dataset, layers: tuple[int, ...])
     return features
 
 
-def build_head(hidden_size: int, extra: int, seed: int) -> AlignmentHead:
-    """The default head (`AlignmentHeadConfig`'s sizes) with its read widened to `(1 + extra) * hidden_size` inputs."""
+def build_head(hidden_size: int, extra: int, seed: int, size: tuple[int, int] | None = None) -> AlignmentHead:
+    """An alignment head of `size` (`(K, r)`, default `AlignmentHeadConfig`'s) with its read widened to
+    `(1 + extra) * hidden_size` inputs."""
     torch.manual_seed(seed)
     defaults = AlignmentHeadConfig()
-    head = AlignmentHead(hidden_size, defaults.num_interventions, defaults.intervention_dim, defaults.dropout)
+    interventions, dim = size or (defaults.num_interventions, defaults.intervention_dim)
+    head = AlignmentHead(hidden_size, interventions, dim, defaults.dropout)
     if extra:
-        head.read = nn.Linear((1 + extra) * hidden_size, defaults.intervention_dim, bias=False)
+        head.read = nn.Linear((1 + extra) * hidden_size, dim, bias=False)
     return head
 
 
@@ -154,9 +172,9 @@ def pair_margins(z_base, a, batch, alpha: float, beta: float):
     return beta * (chosen - rejected), kl, a.square().mean(-1)
 
 
-def train_head(features, config: LayerReadConfig, columns: list[int], seed: int, unembedding) -> AlignmentHead:
+def train_head(features, config: LayerReadConfig, columns: list[int], seed: int, unembedding, size) -> AlignmentHead:
     """One epoch of the IAV loss over `features` in a seeded order (the module docstring's loop)."""
-    head = build_head(unembedding.shape[1], len(columns), seed)
+    head = build_head(unembedding.shape[1], len(columns), seed, size)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=0.0)
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
@@ -208,7 +226,7 @@ def study(config: LayerReadConfig) -> dict[str, Any]:
     model = load_model(config.model)
     pairs, _ = load_pairs(config.data_path("hh_rlhf"), tokenizer, config.max_length)
     splits = study_splits(pairs, config)
-    variants = layer_sets(config)
+    variants, sizes = layer_sets(config), head_sizes(config)
     layers = tuple(sorted({layer for variant in variants for layer in variant}))
     if any(not 1 <= layer < model.config.num_hidden_layers for layer in layers):
         raise ValueError(
@@ -217,16 +235,19 @@ def study(config: LayerReadConfig) -> dict[str, Any]:
         )
     features = {name: backbone_features(model, tokenizer, split, layers) for name, split in splits.items()}
     unembedding = model.get_output_embeddings().weight.detach().float()
+    default_size = (AlignmentHeadConfig().num_interventions, AlignmentHeadConfig().intervention_dim)
     runs = []
-    for variant in variants:
-        columns = [layers.index(layer) for layer in variant]
-        for seed in config.seeds:
-            head = train_head(features["train"], config, columns, seed, unembedding)
-            rows = score(head, features["validation"], config, columns, unembedding)
+    for size in sizes:
+        for variant in variants:
+            columns = [layers.index(layer) for layer in variant]
             name = "last layer" if not variant else "last + " + ", ".join(str(layer) for layer in variant)
-            parameters = sum(p.numel() for p in head.parameters())
-            runs.append({"variant": name, "seed": seed, "trainable": parameters, "validation": rows})
-            print(f"[{time.perf_counter() - start:6.0f}s] {name}, seed {seed}", flush=True)
+            name += "" if size == default_size else f", {size[0]}x{size[1]} head"
+            for seed in config.seeds:
+                head = train_head(features["train"], config, columns, seed, unembedding, size)
+                rows = score(head, features["validation"], config, columns, unembedding)
+                parameters = sum(p.numel() for p in head.parameters())
+                runs.append({"variant": name, "seed": seed, "trainable": parameters, "validation": rows})
+                print(f"[{time.perf_counter() - start:6.0f}s] {name}, seed {seed}", flush=True)
     return {
         "config": asdict(config),
         "pairs": {name: len(split) for name, split in splits.items()},

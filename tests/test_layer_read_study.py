@@ -21,6 +21,7 @@ from benchmarks.layer_read_study import (
 from benchmarks.real_data.methods import load_model
 from iav_trl import get_iav_model, load_preference_dataset
 from iav_trl.models.base_models import load_base_tokenizer
+from iav_trl.tuners.iav.head import AlignmentHead
 
 
 def miniature_config(tiny_model, tmp_path, **settings) -> LayerReadConfig:
@@ -100,13 +101,18 @@ def test_every_variant_and_seed_is_scored_and_the_command_line_writes_what_it_pr
         assert row["alphas"][1.0]["win_rate"] == pytest.approx(mean) and row["alphas"][1.0]["completion_kl"] > 0
     with pytest.raises(ValueError, match="read_layers"):
         study(miniature_config(tiny_model, tmp_path, read_layers=["2"]))  # the last layer itself, not an extra one
+    with pytest.raises(ValueError, match="head_sizes"):
+        study(miniature_config(tiny_model, tmp_path, head_sizes=["8by256"]))
 
     flags = ["--model", tiny_model, "--hh_rlhf", HH, "--output_dir", str(tmp_path), "--read_layers", "1"]
     flags += ["--num_train", "4", "--num_validation", "2", "--num_heldout", "2", "--extra_validation", "3"]
-    flags += ["--max_length", "128", "--batch_size", "4", "--seeds", "0", "--alphas", "1.0"]
+    flags += ["--max_length", "128", "--batch_size", "4", "--seeds", "0", "--alphas", "1.0", "--head_sizes", "2x16"]
     monkeypatch.setattr(sys, "argv", ["layer_read_study", *flags])
     layer_read_study.main()
     report = (tmp_path / "layer_read_study.md").read_text()
     figures = json.loads((tmp_path / "layer_read_study.json").read_text())
     assert capsys.readouterr().out.strip().endswith(report.strip())
-    assert [run["variant"] for run in figures["runs"]] == ["last + 1"] and "| last + 1 |" in report
+    assert [run["variant"] for run in figures["runs"]] == ["last + 1, 2x16 head"]
+    assert "| last + 1, 2x16 head |" in report
+    small = AlignmentHead(32, num_interventions=2, intervention_dim=16)
+    assert figures["runs"][0]["trainable"] == sum(p.numel() for p in small.parameters()) + 32 * 16  # + the wider read
