@@ -45,6 +45,7 @@ from torch import nn
 from benchmarks.kl_default_study import KLDefaultConfig, seed_table, study_splits, summarize
 from benchmarks.real_data.benchmark import load_pairs, report_main
 from benchmarks.real_data.methods import load_model, quiet
+from iav_trl.evaluation.metrics import win_rate
 from iav_trl.models.base_models import load_base_tokenizer
 from iav_trl.tuners.iav.config import AlignmentHeadConfig
 from iav_trl.tuners.iav.head import AlignmentHead
@@ -135,7 +136,7 @@ def build_head(hidden_size: int, extra: int, seed: int, size: tuple[int, int] | 
     return head
 
 
-def _batch(features: list[dict[str, Any]], columns: list[int]) -> dict[str, torch.Tensor]:
+def _batch(features: list[dict[str, Any]], columns: list[int]) -> dict[str, Any]:
     """The batch's scored positions, chosen sequences first: head inputs, final states, labels and sequence ids."""
     inputs, finals, labels, sequence = [], [], [], []
     sides = [pair[side] for side in ("chosen", "rejected") for pair in features]
@@ -150,24 +151,26 @@ def _batch(features: list[dict[str, Any]], columns: list[int]) -> dict[str, torc
         "final": torch.cat(finals),
         "labels": torch.cat(labels),
         "sequence": torch.cat(sequence),
-        "sequences": torch.tensor(len(sides)),
+        "sequences": len(sides),
     }
 
 
-def logits(head, unembedding: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`z_base = W_U h` and the alignment logits at strength 1, `a = W_U delta`, of every scored token `(N, V)`."""
-    return batch["final"] @ unembedding.T, head(batch["inputs"]) @ unembedding.T
+def logits(head, unembedding: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log p_base = log_softmax(W_U h)` and the alignment logits at strength 1, `a = W_U delta`, of every scored
+    token `(N, V)`: what every alpha shares."""
+    return F.log_softmax(batch["final"] @ unembedding.T, dim=-1), head(batch["inputs"]) @ unembedding.T
 
 
-def pair_margins(z_base, a, batch, alpha: float, beta: float):
-    """Per pair `beta [(sum log p_final(y) - sum log p_base(y))_chosen - (same)_rejected]` at `z_base + alpha a`,
-    and per token KL(p_final || p_base) and `(1/V) ||alpha a||^2`."""
+def pair_margins(log_base, a, batch, alpha: float, beta: float):
+    """Per pair `beta [(sum log p_final(y) - sum log p_base(y))_chosen - (same)_rejected]` at `z_base + alpha a`
+    (`log_softmax(log p_base + alpha a)` is `log p_final`: a softmax ignores the per-token constant), and per token
+    KL(p_final || p_base) and `(1/V) ||alpha a||^2`."""
     a = alpha * a
-    log_final, log_base = F.log_softmax(z_base + a, dim=-1), F.log_softmax(z_base, dim=-1)
+    log_final = F.log_softmax(log_base + a, dim=-1)
     index = batch["labels"].unsqueeze(-1)
     gain = (log_final.gather(-1, index) - log_base.gather(-1, index))[:, 0]
     kl = (log_final.exp() * (log_final - log_base)).sum(-1)
-    sums = torch.zeros(int(batch["sequences"])).index_add(0, batch["sequence"], gain)
+    sums = torch.zeros(batch["sequences"]).index_add(0, batch["sequence"], gain)
     chosen, rejected = sums.chunk(2)
     return beta * (chosen - rejected), kl, a.square().mean(-1)
 
@@ -199,19 +202,18 @@ def score(head, features, config: LayerReadConfig, columns: list[int], unembeddi
     kls = {alpha: [] for alpha in config.alphas}
     for start in range(0, len(features), config.eval_batch_size):
         batch = _batch(features[start : start + config.eval_batch_size], columns)
-        z_base, a = logits(head, unembedding, batch)
+        log_base, a = logits(head, unembedding, batch)
         for alpha in config.alphas:
-            margin, kl, _ = pair_margins(z_base, a, batch, alpha, config.beta)
+            margin, kl, _ = pair_margins(log_base, a, batch, alpha, config.beta)
             margins[alpha].append(margin)
             kls[alpha].append(kl)
     rows = []
     for alpha in config.alphas:
         margin, kl = torch.cat(margins[alpha]), torch.cat(kls[alpha])
-        wins = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
         rows.append(
             {
                 "alpha": alpha,
-                "win_rate": wins.item(),
+                "win_rate": win_rate(margin.tolist(), [0.0] * len(margin)),  # against the base model's margin, 0
                 "margin": margin.mean().item(),
                 "completion_kl": kl.mean().item(),
             }
