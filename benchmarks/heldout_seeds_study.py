@@ -98,6 +98,11 @@ class HeldoutSeedsConfig(RealDataConfig):
 
 def read_benchmark(config: HeldoutSeedsConfig) -> dict[str, Any]:
     """The benchmark's results, refused with the differing settings named when a re-trained seed would differ."""
+    if not os.path.isfile(config.benchmark_results):
+        raise FileNotFoundError(
+            f"{config.benchmark_results} does not exist: the study adds seeds to the real-data benchmark's results. "
+            "Run the benchmark first (`make bench-real-data`), or pass its JSON with `--benchmark_results`."
+        )
     with open(config.benchmark_results) as fh:
         results = json.load(fh)
     theirs = results["config"]

@@ -79,12 +79,15 @@ def test_every_seed_is_scored_and_the_bar_reads_the_means_over_seeds(tiny_model,
         assert len({run["heldout"]["iav"][2]["margin"] for run in runs}) == 3
 
 
-def test_settings_that_differ_from_the_benchmarks_are_refused_by_name(tiny_model, benchmark_results, tmp_path):
+def test_other_settings_and_missing_benchmark_results_are_refused_by_name(tiny_model, benchmark_results, tmp_path):
     config = study_config(tiny_model, benchmark_results, tmp_path, beta=0.2)
     with pytest.raises(ValueError, match=r"beta: 0\.2 here, 0\.1 there"):
         study(config)
     with pytest.raises(ValueError, match="other than `seed`"):
         dataclasses.replace(config, beta=0.1, seeds=[0, 1])
+    missing = str(tmp_path / "no-such-results.json")
+    with pytest.raises(FileNotFoundError, match="Run the benchmark first"):
+        study(dataclasses.replace(config, beta=0.1, benchmark_results=missing))
 
 
 def test_the_command_line_writes_the_figures_and_prints_the_report_it_wrote(
