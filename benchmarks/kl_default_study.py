@@ -104,6 +104,12 @@ def study(config: KLDefaultConfig) -> dict[str, Any]:
     }
 
 
+def seed_se(values: list[float]) -> float:
+    """The standard error of the mean of `values` over seeds: their standard deviation over the square root of their
+    number (0 for one seed)."""
+    return (statistics.stdev(values) if len(values) > 1 else 0.0) / math.sqrt(len(values))
+
+
 def summarize(runs: list[dict[str, Any]], alphas: list[float]) -> list[dict[str, Any]]:
     """Per variant and alpha: the mean over seeds of win rate, margin and completion KL, and the standard error of
     the mean win rate over the seeds (their standard deviation over the square root of their number)."""
@@ -118,8 +124,7 @@ def summarize(runs: list[dict[str, Any]], alphas: list[float]) -> list[dict[str,
             cells[alpha] = {
                 key: statistics.fmean(row[key] for row in rows) for key in ("win_rate", "margin", "completion_kl")
             }
-            spread = statistics.stdev(row["win_rate"] for row in rows) if len(rows) > 1 else 0.0
-            cells[alpha]["win_rate_seed_se"] = spread / math.sqrt(len(rows))
+            cells[alpha]["win_rate_seed_se"] = seed_se([row["win_rate"] for row in rows])
         summary.append({"variant": name, "seeds": len(group), "alphas": cells})
     return summary
 

@@ -74,7 +74,7 @@ def test_every_seed_is_scored_and_the_bar_reads_the_means_over_seeds(tiny_model,
         check = summary["bar"]["iav_alpha_1_accuracy_at_least_dpo_lora"]
         assert check["passed"] == (sum(iav_1) >= sum(dpo) - 1e-12)
         # alpha 0 is the base model for every seed: a tie, margin exactly 0
-        assert summary["iav"]["0.0"] == {"win_rate": 0.5, "win_rate_seed_se": 0.0, "margin": 0.0}
+        assert summary["iav"]["0.0"] == {"alpha": 0.0, "win_rate": 0.5, "win_rate_seed_se": 0.0, "margin": 0.0}
         # different training seeds train different heads
         assert len({run["heldout"]["iav"][2]["margin"] for run in runs}) == 3
 

@@ -390,22 +390,37 @@ def rises(values: Sequence[float]) -> bool:
     return all(b >= a for a, b in zip(values, values[1:])) and values[-1] > values[0]
 
 
+def accuracy_checks(iav_rows: list[dict[str, Any]], dpo: dict[str, Any]) -> dict[str, Any]:
+    """The bar's two accuracy checks, from IAV's held-out rows (one per alpha, each with `alpha`, `win_rate` and
+    `margin`) and DPO + LoRA's row: IAV's win rate at alpha 1 >= DPO + LoRA's, and IAV's win rate and margin rising
+    with alpha from 0 to 1."""
+    iav = {row["alpha"]: row for row in iav_rows}
+    sweep = [iav[alpha] for alpha in sorted(iav) if alpha <= 1.0]
+    win_rates, margins = [row["win_rate"] for row in sweep], [row["margin"] for row in sweep]
+    return {
+        "iav_alpha_1_accuracy_at_least_dpo_lora": {
+            "iav": iav[1.0]["win_rate"],
+            "dpo_lora": dpo["win_rate"],
+            "passed": iav[1.0]["win_rate"] >= dpo["win_rate"],
+        },
+        "accuracy_and_margin_rise_with_alpha_0_to_1": {
+            "alphas": [row["alpha"] for row in sweep],
+            "win_rates": win_rates,
+            "margins": margins,
+            "passed": rises(win_rates) and rises(margins),
+        },
+    }
+
+
 def bar_checks(results: dict[str, Any]) -> dict[str, Any]:
     """The bar (module docstring, step 7): each check with the figures it reads and its verdict."""
     checks: dict[str, Any] = {}
     for dataset in DATASETS:
         figures = results["datasets"][dataset]
-        iav = {row["alpha"]: row for row in figures["heldout"]["iav"]}
-        dpo = figures["heldout"]["dpo_lora"]
+        accuracy = accuracy_checks(figures["heldout"]["iav"], figures["heldout"]["dpo_lora"])
         cost = figures["training"]["iav"]
-        sweep = [iav[alpha] for alpha in sorted(iav) if alpha <= 1.0]
-        win_rates, margins = [row["win_rate"] for row in sweep], [row["margin"] for row in sweep]
         checks[dataset] = {
-            "iav_alpha_1_accuracy_at_least_dpo_lora": {
-                "iav": iav[1.0]["win_rate"],
-                "dpo_lora": dpo["win_rate"],
-                "passed": iav[1.0]["win_rate"] >= dpo["win_rate"],
-            },
+            "iav_alpha_1_accuracy_at_least_dpo_lora": accuracy["iav_alpha_1_accuracy_at_least_dpo_lora"],
             f"iav_train_time_at_most_{TIME_BAR}x_dpo_lora": {
                 "ratio": cost["time_vs_dpo_lora"],
                 "passed": cost["time_vs_dpo_lora"] <= TIME_BAR,
@@ -415,12 +430,7 @@ def bar_checks(results: dict[str, Any]) -> dict[str, Any]:
                 "training_added_ratio": cost["train_peak_vs_dpo_lora"],
                 "passed": cost["abs_peak_vs_dpo_lora"] <= MEMORY_BAR,
             },
-            "accuracy_and_margin_rise_with_alpha_0_to_1": {
-                "alphas": [row["alpha"] for row in sweep],
-                "win_rates": win_rates,
-                "margins": margins,
-                "passed": rises(win_rates) and rises(margins),
-            },
+            "accuracy_and_margin_rise_with_alpha_0_to_1": accuracy["accuracy_and_margin_rise_with_alpha_0_to_1"],
         }
         checks[dataset]["passed"] = all(check["passed"] for check in checks[dataset].values())
     iav, dpo = results["datasets"]["hh_rlhf"]["kl_on_ultrafeedback_prompts"]
