@@ -35,12 +35,12 @@ from transformers.cli.serving.completion import CompletionHandler
 from transformers.cli.serving.server import build_server
 from transformers.cli.serving.utils import GenerationState
 
+from benchmarks import ROOT
 from iav_trl import AlignmentHeadConfig, get_iav_model, load_preference_dataset
 from iav_trl.inference.serving import ServedModel, build_app, serve_in_thread
 from iav_trl.models.base_models import load_base_model, load_base_tokenizer
 from iav_trl.models.tiny import tiny_causal_lm, train_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test-1500.jsonl.gz")
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
 

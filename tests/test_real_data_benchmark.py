@@ -264,3 +264,22 @@ def test_a_spawned_worker_measures_its_own_peak_memory_not_its_parents():
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         child_peak = pool.submit(_peak_after_touching, 64).result()
     assert 64 < child_peak < 700, child_peak  # the worker's interpreter, torch and its 64 MB; not the parent's 1 GB
+
+
+def test_default_paths_are_the_repository_s():
+    """The defaults read `../shared/data` beside the repository and write to the committed `benchmarks/results`,
+    wherever the benchmark module sits (a sub-package once resolved them inside `benchmarks/`)."""
+    from benchmarks.alignment.benchmark import BenchmarkConfig
+    from benchmarks.serving_throughput import DATA
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = RealDataConfig()
+    shared = os.path.normpath(os.path.join(root, "..", "shared", "data"))
+    assert config.data_path("hh_rlhf") == os.path.join(shared, "hh-rlhf", "harmless-base-test-1500.jsonl.gz")
+    assert config.data_path("ultrafeedback") == os.path.join(
+        shared, "ultrafeedback", "binarized-train_prefs-1000.jsonl.gz"
+    )
+    assert os.path.normpath(DATA) == config.data_path("hh_rlhf")
+    for output_dir, committed in ((config.output_dir, "real_data_benchmark.json"),
+                                  (BenchmarkConfig().output_dir, "alignment_benchmark.json")):  # fmt: skip
+        assert os.path.isfile(os.path.join(output_dir, committed))

@@ -58,6 +58,7 @@ import transformers
 from datasets import Dataset
 from transformers import HfArgumentParser
 
+from benchmarks import RESULTS_DIR
 from benchmarks.alignment.methods import Trained, TrainingSettings, pretrain, train_arm, train_dpo, train_iav
 from benchmarks.alignment.report import markdown_table, plot
 from benchmarks.alignment.rollouts import Decoder, decode_speed, evaluate, preference_pairs, sample
@@ -66,8 +67,6 @@ from iav_trl import AlignmentHeadConfig, get_iav_model
 from iav_trl.inference.genarm import genarm_generate
 from iav_trl.inference.iav_inference import encode_prompts
 from iav_trl.models.tiny import tiny_causal_lm, train_tokenizer
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @dataclass

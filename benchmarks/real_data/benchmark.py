@@ -71,6 +71,7 @@ import transformers
 from datasets import Dataset
 from transformers import HfArgumentParser
 
+from benchmarks import RESULTS_DIR, ROOT
 from benchmarks.alignment.benchmark import Clock, genarm_decoder, iav_decoder
 from benchmarks.alignment.rollouts import decode_speed
 from benchmarks.real_data.methods import (
@@ -92,8 +93,6 @@ from iav_trl import load_preference_dataset
 from iav_trl.inference.iav_inference import encode_prompts
 from iav_trl.models.base_models import load_base_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 DATASETS = {"hh_rlhf": "HH-RLHF", "ultrafeedback": "UltraFeedback"}
 SPLITS = ("train", "validation", "heldout")
 LEARNING_RATES = {"iav": "iav_learning_rates", "dpo_lora": "dpo_learning_rates", "genarm": "genarm_learning_rates"}
