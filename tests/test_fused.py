@@ -1,13 +1,18 @@
 """The chunked training statistics against a plain full-vocabulary PyTorch computation, values and gradients."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 
-from iav_trl.tuners.iav.fused import STAT_NAMES, GramCache, fused_token_stats
+from iav_trl.tuners.iav.fused import STAT_NAMES, BaseLogitsCache, GramCache, fused_token_stats
 from iav_trl.tuners.iav.readout import LogitReadout
 
 N, D, V = 11, 16, 97
 READOUTS = [LogitReadout(), LogitReadout(scale=0.5), LogitReadout(softcap=3.0)]
+# The frozen readout's two gradients: the logits kept for the backward pass (within the default memory budget), and
+# the Jacobians projected in the forward pass (a budget of 0 bytes).
+BUDGETS = {"kept": 2**30, "projected": 0}
 
 
 def reference_stats(readout, weight, bias, hidden, delta, labels, ref_hidden=None):
@@ -55,13 +60,15 @@ def weighted_sum(stats, weights):
     return sum((weights[i] * stats[name].double()).sum() for i, name in enumerate(("log_probs", "kl", "l2")))
 
 
+@pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
 @pytest.mark.parametrize("readout", READOUTS, ids=["plain", "scale", "softcap"])
 @pytest.mark.parametrize("chunk_size", [1, 4, None])
-def test_frozen_readout_values_and_delta_gradient_match_full_vocabulary_autograd(readout, chunk_size):
+def test_frozen_readout_values_and_delta_gradient_match_full_vocabulary_autograd(readout, chunk_size, budget):
     weight, bias, hidden, delta, labels = make_inputs(0)
     weights = torch.rand(3, N, dtype=torch.float64)
     delta_ours = delta.clone().requires_grad_(True)
-    ours = fused_token_stats(readout, weight, bias, hidden, delta_ours, labels, chunk_size=chunk_size)
+    base = BaseLogitsCache(budget)
+    ours = fused_token_stats(readout, weight, bias, hidden, delta_ours, labels, chunk_size=chunk_size, base=base)
     weighted_sum(ours, weights).backward()
 
     delta_ref = delta.double().requires_grad_(True)
@@ -107,19 +114,22 @@ def test_no_grad_statistics_equal_the_training_statistics():
         assert torch.equal(evaluated[name], trained[name].detach()), name
 
 
-def test_no_scored_token_gives_empty_statistics_and_a_zero_gradient():
+@pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
+def test_no_scored_token_gives_empty_statistics_and_a_zero_gradient(budget):
     weight, bias, hidden, delta, labels = make_inputs(5, n=0)
     delta.requires_grad_(True)
-    stats = fused_token_stats(LogitReadout(), weight, bias, hidden, delta, labels)
+    stats = fused_token_stats(LogitReadout(), weight, bias, hidden, delta, labels, base=BaseLogitsCache(budget))
     assert all(stats[name].shape == (0,) for name in STAT_NAMES)
     (stats["log_probs"].sum() + stats["kl"].sum()).backward()
     assert delta.grad is not None and delta.grad.shape == (0, D)
 
 
-def test_only_the_log_probs_gradient_flows_when_the_other_terms_are_unused():
+@pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
+def test_only_the_log_probs_gradient_flows_when_the_other_terms_are_unused(budget):
     weight, bias, hidden, delta, labels = make_inputs(6)
     delta_ours = delta.clone().requires_grad_(True)
-    fused_token_stats(LogitReadout(), weight, bias, hidden, delta_ours, labels)["log_probs"].sum().backward()
+    stats = fused_token_stats(LogitReadout(), weight, bias, hidden, delta_ours, labels, base=BaseLogitsCache(budget))
+    stats["log_probs"].sum().backward()
     delta_ref = delta.double().requires_grad_(True)
     reference_stats(LogitReadout(), weight, bias, hidden, delta_ref, labels)["log_probs"].sum().backward()
     torch.testing.assert_close(delta_ours.grad.double(), delta_ref.grad, rtol=1e-5, atol=1e-5)
@@ -133,7 +143,8 @@ def test_a_shared_gram_cache_follows_changes_of_the_unembedding(change):
 
     def delta_gradient(w):
         d = delta.clone().requires_grad_(True)
-        weighted_sum(fused_token_stats(LogitReadout(), w, bias, hidden, d, labels, gram=gram), weights).backward()
+        stats = fused_token_stats(LogitReadout(), w, bias, hidden, d, labels, gram=gram, base=BaseLogitsCache(0))
+        weighted_sum(stats, weights).backward()
         return d.grad
 
     delta_gradient(weight)  # fills the cache
@@ -149,6 +160,37 @@ def test_a_shared_gram_cache_follows_changes_of_the_unembedding(change):
     weighted_sum(reference_stats(LogitReadout(), weight, bias, hidden, reference_delta, labels), weights).backward()
     torch.testing.assert_close(ours.double(), reference_delta.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gram(weight).double(), weight.double().T @ weight.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_heads_sharing_a_base_logits_cache_get_their_own_statistics_and_gradients_from_one_z_base():
+    """A `lambda_kl_sweep`'s heads score the same tokens: `z_base` is computed once for all of them, each head's
+    statistics and gradient are those of the full-vocabulary reference, and other tokens recompute `z_base`."""
+    weight, bias, hidden, _, labels = make_inputs(9)
+    deltas = [0.3 * torch.randn(N, D, generator=torch.Generator().manual_seed(10 + k)) for k in range(3)]
+    weights = torch.rand(3, N, dtype=torch.float64)
+    base = BaseLogitsCache()
+    with patch.object(LogitReadout, "base_logits", autospec=True, side_effect=LogitReadout.base_logits) as counted:
+        for delta in deltas:
+            ours_delta = delta.clone().requires_grad_(True)
+            ours = fused_token_stats(LogitReadout(), weight, bias, hidden, ours_delta, labels, chunk_size=4, base=base)
+            weighted_sum(ours, weights).backward()
+            ref_delta = delta.double().requires_grad_(True)
+            ref = reference_stats(LogitReadout(), weight, bias, hidden, ref_delta, labels)
+            weighted_sum(ref, weights).backward()
+            for name in STAT_NAMES:
+                torch.testing.assert_close(ours[name].double(), ref[name].to(torch.float64), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ours_delta.grad.double(), ref_delta.grad, rtol=1e-5, atol=1e-5)
+        assert counted.call_count == 3  # the 3 chunks of 4 tokens, once for the 3 heads
+        other = hidden + 1.0
+        stats = fused_token_stats(LogitReadout(), weight, bias, other, deltas[0], labels, chunk_size=4, base=base)
+        assert counted.call_count == 6
+    expected = reference_stats(LogitReadout(), weight, bias, other, deltas[0], labels)
+    torch.testing.assert_close(stats["log_probs"].double(), expected["log_probs"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_negative_memory_budget_is_refused():
+    with pytest.raises(ValueError, match="max_bytes"):
+        BaseLogitsCache(-1)
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "frozen_readout", "trainable_readout"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from testing_utils import make_trainer as tiny_trainer
 
 from iav_trl import AlignmentHeadConfig, IAVConfig, IAVModel, IAVTrainer, get_iav_model
 from iav_trl.models.tiny import tiny_causal_lm
+from iav_trl.tuners.iav.readout import LogitReadout
 
 SWEEP = [0.0, 0.5, 4.0]
 
@@ -36,8 +38,10 @@ def test_each_head_of_a_sweep_trains_as_its_own_run_from_one_backbone_pass(token
     }
     calls = []
     model.get_base_model().base_model.register_forward_hook(lambda *args: calls.append(1))
-    sweep.train()
+    with patch.object(LogitReadout, "base_logits", autospec=True, side_effect=LogitReadout.base_logits) as z_base:
+        sweep.train()
     assert len(calls) == 4 * 2  # one backbone pass per micro-batch, whatever the number of heads
+    assert z_base.call_count == 4 * 2  # and one z_base (a single chunk of the tiny vocabulary) for all heads
     for index, value in enumerate(SWEEP):
         name = f"lambda_kl_{index}"
         single = make_trainer(tokenizer, tmp_path / name, lambda_kl=value)
@@ -49,6 +53,30 @@ def test_each_head_of_a_sweep_trains_as_its_own_run_from_one_backbone_pass(token
         single_losses = [e["iav/pref_loss"] for e in single.state.log_history if "iav/pref_loss" in e]
         assert sweep_losses == pytest.approx(single_losses, rel=1e-5)
     assert not any("rewards/accuracies" in entry for entry in sweep.state.log_history)  # only per head
+
+
+def test_the_readout_memory_budget_changes_speed_not_training(tokenizer, tmp_path):
+    """`readout_memory_gb=0` takes the gradient projected in the forward pass, the default keeps the logits for the
+    backward pass: the same losses and heads, for a single head and for a sweep's heads."""
+    runs = {}
+    for budget in (2.0, 0.0):
+        for settings in ({"lambda_kl": 0.5}, {"lambda_kl_sweep": SWEEP}):
+            torch.manual_seed(0)
+            trainer = make_trainer(
+                tokenizer, tmp_path / f"{budget}-{len(settings)}", readout_memory_gb=budget, **settings
+            )
+            trainer.train()
+            losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+            heads = {name: head.state_dict() for name, head in trainer.model.alignment_heads.items()}
+            runs[budget, next(iter(settings))] = losses, heads
+    for kind in ("lambda_kl", "lambda_kl_sweep"):
+        (kept_losses, kept_heads), (projected_losses, projected_heads) = runs[2.0, kind], runs[0.0, kind]
+        assert kept_losses == pytest.approx(projected_losses, rel=1e-5)
+        for name, state in kept_heads.items():
+            for key, value in state.items():
+                torch.testing.assert_close(value, projected_heads[name][key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="readout_memory_gb"):
+        IAVConfig(output_dir=str(tmp_path), readout_memory_gb=-1.0)
 
 
 def test_the_sweep_chooses_the_best_head_on_evaluation_and_saves_every_head(tokenizer, tmp_path):

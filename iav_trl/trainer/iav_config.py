@@ -67,6 +67,14 @@ class IAVConfig(DPOConfig):
         fine-tuning, or pass a `peft.LoraConfig` as `peft_config` for LoRA on the backbone); the reference is then the
         untouched base model and a step costs what a DPO step costs.
 
+    readout_memory_gb (`float`, *optional*, defaults to `2.0`):
+        GiB of float32 vocabulary-sized blocks the frozen-backbone training step may keep per head from its forward
+        pass for its backward pass: `z_base` and the head's `p_final` and `a_t`, `3 x scored tokens x V x 4` bytes
+        per batch. Within it a head costs two vocabulary matmuls per scored token (`a_t`, and one projection of its
+        whole gradient back through `W_U` in the backward pass), and the heads of a `lambda_kl_sweep` compute
+        `z_base` once for all. Beyond it (or at 0) nothing vocabulary-sized is kept and a head costs four (see
+        `iav_trl.tuners.iav.fused`). It changes speed and memory only, never the gradients.
+
     > Parameters that control cached backbone features
 
     precompute_backbone_features (`bool`, *optional*, defaults to `False`):
@@ -118,6 +126,10 @@ class IAVConfig(DPOConfig):
     freeze_backbone: bool = field(
         default=True, metadata={"help": "Train only the alignment head (the reference is z_base of the same pass)."}
     )
+    readout_memory_gb: float = field(
+        default=2.0,
+        metadata={"help": "GiB of vocabulary-sized logits a frozen-backbone step may keep per head (0: none)."},
+    )
     precompute_backbone_features: bool = field(
         default=False,
         metadata={"help": "Run the frozen backbone once over the datasets and train every epoch from its features."},
@@ -131,7 +143,7 @@ class IAVConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        for name in ("lambda_kl", "lambda_l2", "beta"):
+        for name in ("lambda_kl", "lambda_l2", "beta", "readout_memory_gb"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")

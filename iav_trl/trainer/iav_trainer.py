@@ -48,6 +48,7 @@ from iav_trl.trainer.trl_workarounds import (
     remove_trl_fused_forward,
 )
 from iav_trl.tuners.iav.config import AlignmentHeadConfig
+from iav_trl.tuners.iav.fused import BaseLogitsCache
 from iav_trl.tuners.iav.model import IAVModel, is_peft_model
 from iav_trl.tuners.iav.model_card import build_model_card
 from iav_trl.tuners.iav.save_and_load import backbone_dir, load_head, set_head_state_dict
@@ -407,6 +408,9 @@ class IAVTrainer(DPOTrainer):
         `L_pref` from `DPOTrainer`, plus `lambda_kl * L_KL + lambda_l2 * L_L2` (see the class docstring). With
         `lambda_kl_sweep`, the sum over the heads of each head's own loss, from one backbone pass (or the cache).
         """
+        readout_cache = BaseLogitsCache(int(self._iav.readout_memory_gb * 2**30))
+        if self._reference_in_policy_pass:  # z_base's home for this batch, and the readout's memory budget
+            inputs = {**inputs, "readout_cache": readout_cache}
         if not self.sweep:
             lambda_kl = self._iav.lambda_kl if self.kl_controller is None else self.kl_controller.value
             return self._head_loss(model, inputs, return_outputs, num_items_in_batch, self._iav.alpha, lambda_kl)
@@ -430,6 +434,7 @@ class IAVTrainer(DPOTrainer):
                 if not values:
                     del self._metrics[mode][key]
             total = total + loss
+        readout_cache.clear()  # the heads' backward passes need only what each kept
         return (total, outputs) if return_outputs else total
 
     def _head_loss(self, model, inputs, return_outputs, num_items_in_batch, alpha, lambda_kl):

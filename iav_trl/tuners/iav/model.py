@@ -43,7 +43,7 @@ from iav_trl.models.base_models import load_base_model, recorded_source
 from iav_trl.models.fingerprint import fingerprint_mismatch, weights_fingerprint
 from iav_trl.tuners.iav.alpha import AlphaLike, resolve_alpha, strength_rows
 from iav_trl.tuners.iav.config import AlignmentHeadConfig
-from iav_trl.tuners.iav.fused import GramCache, fused_token_stats
+from iav_trl.tuners.iav.fused import BaseLogitsCache, GramCache, fused_token_stats
 from iav_trl.tuners.iav.head import AlignmentHead
 from iav_trl.tuners.iav.model_card import build_model_card
 from iav_trl.tuners.iav.readout import LogitReadout
@@ -461,7 +461,9 @@ class IAVModel(nn.Module):
             fused_lm_head: with `labels`, return an `IAVFusedOutput` of per-token statistics instead of logits
                 (TRL's fused LM head protocol; used by `IAVTrainer`). `backbone_features=` (the `(N, d)` output of
                 `scored_hidden_states`) then stands for the frozen backbone's pass, which is skipped; without
-                `fused_lm_head` they are ignored (logits at every position need the pass).
+                `fused_lm_head` they are ignored (logits at every position need the pass). `readout_cache=` (a
+                `BaseLogitsCache`) shares `z_base` between calls on the same tokens (one per head of a sweep) and
+                sets the memory budget of the frozen readout's gradient (`iav_trl.tuners.iav.fused`).
             labels: next-token labels (-100 = ignored); the loss is the model's own causal-LM loss on `z_final`.
         """
         self._check_loaded()
@@ -473,6 +475,7 @@ class IAVModel(nn.Module):
                 raise ValueError("`fused_lm_head=True` needs `labels` (the next-token targets, -100 = ignored).")
             return self._fused_forward(input_ids, attention_mask, labels, strengths, **kwargs)
         kwargs.pop("backbone_features", None)  # the logits of every position need the backbone's own pass
+        kwargs.pop("readout_cache", None)
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         with self._applying(strengths, decompose=return_alignment) as call:
             outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -514,6 +517,7 @@ class IAVModel(nn.Module):
         labels: torch.LongTensor,
         strengths: dict[str, float | torch.Tensor],
         backbone_features: torch.Tensor | None = None,
+        readout_cache: BaseLogitsCache | None = None,
         **kwargs: Any,
     ) -> IAVFusedOutput:
         """
@@ -573,6 +577,7 @@ class IAVModel(nn.Module):
             labels[mask],
             ref_hidden=None if ref_hidden is None else ref_hidden[mask],
             gram=self._gram,
+            base=readout_cache,
         )
         # `masked_scatter` keeps an all-masked micro-batch connected to the graph (a differentiable zero).
         per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in stats.items()}
