@@ -199,11 +199,11 @@ def test_throughput_benchmark_runs_every_server_and_reports_both_ratios(tmp_path
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "serving.json"
-    command = [sys.executable, os.path.join(root, "benchmarks", "serving_throughput.py"), "--model", "tiny"]
+    command = [sys.executable, "-m", "benchmarks.serving_throughput", "--model", "tiny"]  # as the Makefile runs it
     command += ["--data", os.path.join(root, "tests", "fixtures", "hh-rlhf-harmless-base-test-40.jsonl")]
     command += ["--requests", "6", "--clients", "3", "--max-tokens", "4", "--rounds", "1", "--json", str(out)]
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=root
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -411,9 +411,16 @@ class IAVTrainer(DPOTrainer):
         readout_cache = BaseLogitsCache(int(self._iav.readout_memory_gb * 2**30))
         if self._reference_in_policy_pass:  # z_base's home for this batch, and the readout's memory budget
             inputs = {**inputs, "readout_cache": readout_cache}
-        if not self.sweep:
-            lambda_kl = self._iav.lambda_kl if self.kl_controller is None else self.kl_controller.value
-            return self._head_loss(model, inputs, return_outputs, num_items_in_batch, self._iav.alpha, lambda_kl)
+        try:
+            if not self.sweep:
+                lambda_kl = self._iav.lambda_kl if self.kl_controller is None else self.kl_controller.value
+                return self._head_loss(model, inputs, return_outputs, num_items_in_batch, self._iav.alpha, lambda_kl)
+            return self._sweep_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            readout_cache.clear()  # the backward pass needs only what each head kept, not z_base
+
+    def _sweep_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The sum over the heads of `lambda_kl_sweep` of each head's own loss, its metrics under `<head>/<metric>`."""
         if "backbone_features" not in inputs:  # the one backbone pass every head reads
             inputs = {**inputs, "backbone_features": _batch_features(self.accelerator.unwrap_model(model), inputs)}
         mode = "train" if self.model.training else "eval"
@@ -434,7 +441,6 @@ class IAVTrainer(DPOTrainer):
                 if not values:
                     del self._metrics[mode][key]
             total = total + loss
-        readout_cache.clear()  # the heads' backward passes need only what each kept
         return (total, outputs) if return_outputs else total
 
     def _head_loss(self, model, inputs, return_outputs, num_items_in_batch, alpha, lambda_kl):

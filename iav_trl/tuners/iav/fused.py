@@ -17,7 +17,7 @@ and per token (y = label, lse = logsumexp over the vocabulary, p = softmax(z_fin
     alignment_norm = ||a||_2, entropy of p, mean_v z_final,v, [argmax z_final == y],
     log_sum_sq_probs = log sum_v p_v^2                                          (no grad)
 
-Three ways to differentiate, chosen per call:
+Two ways to differentiate, chosen per call (the first in two variants):
 
 - frozen readout (`h`, `W_U` and `b` need no gradient: the frozen-backbone training step). Only `delta` gets a
   gradient, and each statistic's gradient with respect to `delta` is known in closed form, `d/d delta = s W_U^T d/da`:
@@ -46,7 +46,7 @@ Three ways to differentiate, chosen per call:
 
 The per-token statistics take one pass over each `(tokens, V)` block apiece: the row dot products `p.a`, `p.z_base`,
 `a.a` and `p.p` give `kl`, the entropy `lse(z_final) - p.z_base - p.a`, `l2`, `alignment_norm` and
-`log_sum_sq_probs`; `z_base`'s own statistics (`lse(z_base)`, its mean, the reference log-probs) are shared by heads.
+`log_sum_sq_probs`; `z_base`'s own statistics (`lse(z_base)`, its mean, the reference log-probs) come with it.
 """
 
 from __future__ import annotations
