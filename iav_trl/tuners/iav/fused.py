@@ -128,6 +128,11 @@ def _chunks(count: int, chunk_size: int) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, max(count, 1), chunk_size)]
 
 
+def _joined(pieces: list[tuple]) -> tuple:
+    """The chunks' statistics, each concatenated over the chunks."""
+    return tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(STAT_NAMES)))
+
+
 def _base_logits(readout, weight, bias, hidden, ref_hidden, labels):
     """`z_base` of one chunk in float32 and its per-token statistics `(lse(z_base), ref_log_probs, mean_v z_base)`."""
     weight = weight.float()  # a no-op but for a ZeRO-3 partitioned half-precision W_U, cast here once gathered
@@ -214,11 +219,10 @@ class BaseLogitsCache:
         self.clear()
         with torch.no_grad():
             weight, bias = weight.float(), None if bias is None else bias.float()
-            refs = [None if ref_hidden is None else ref_hidden[c] for c in _chunks(hidden.shape[0], chunk_size)]
-            self._chunks = [
-                _base_logits(readout, weight, bias, hidden[c], ref, labels[c])
-                for c, ref in zip(_chunks(hidden.shape[0], chunk_size), refs)
-            ]
+            self._chunks = []
+            for c in _chunks(hidden.shape[0], chunk_size):
+                ref = None if ref_hidden is None else ref_hidden[c]
+                self._chunks.append(_base_logits(readout, weight, bias, hidden[c], ref, labels[c]))
         self._inputs = (key, *given)
         return self._chunks
 
@@ -266,7 +270,7 @@ def _projected_stats(readout, weight, bias, hidden, delta, ref_hidden, labels, c
                 n = p.shape[0]
                 d_log_probs = readout.scale * weight[labels[chunk]].float() - projected[:n]
                 rows.append(torch.stack([d_log_probs, projected[n:], d_l2[chunk]]))
-    stats = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(STAT_NAMES)))
+    stats = _joined(pieces)
     return stats, (torch.cat(rows, dim=1) if jacobians else None)
 
 
@@ -309,7 +313,7 @@ class _KeptReadoutStats(torch.autograd.Function):
                 kept += [p, a, p_dot_a]
         ctx.save_for_backward(weight, labels, *kept)
         ctx.scale, ctx.chunk_size, ctx.delta_dtype = readout.scale, chunk_size, delta.dtype
-        stats = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(STAT_NAMES)))
+        stats = _joined(pieces)
         ctx.mark_non_differentiable(*(s for name, s in zip(STAT_NAMES, stats) if name not in DIFFERENTIABLE))
         return stats
 
@@ -374,7 +378,8 @@ def _fused_token_stats_float32(readout, weight, bias, hidden, delta, labels, ref
     hidden, delta = hidden.float(), delta.float()
     ref_hidden = None if ref_hidden is None else ref_hidden.float()
     partitioned = getattr(weight, "ds_status", None) is not None
-    base = base if base is not None else BaseLogitsCache()
+    shared = base is not None  # a caller's cache, read by the next head's call
+    base = base if shared else BaseLogitsCache()
     keep = not partitioned and base.fits(hidden.shape[0], weight.shape[0])
     if frozen_path and keep:
         args = (readout, weight, bias, hidden, ref_hidden, labels, chunk_size, base)
@@ -394,12 +399,14 @@ def _fused_token_stats_float32(readout, weight, bias, hidden, delta, labels, ref
             pieces.append(
                 checkpoint(_chunk_stats, readout, weight, bias, *args, use_reentrant=False, preserve_rng_state=False)
             )
-        stats = tuple(torch.cat([piece[i] for piece in pieces]) for i in range(len(STAT_NAMES)))
+        stats = _joined(pieces)
     elif frozen_path:
         gram = gram if gram is not None else GramCache()
         args = (readout, weight, bias, hidden, ref_hidden, labels, chunk_size, gram)
         stats = _ProjectedReadoutStats.apply(delta, *args)
     else:
-        kept = base.chunks(readout, original, bias, hidden, ref_hidden, labels, chunk_size) if keep else None
+        kept = (
+            base.chunks(readout, original, bias, hidden, ref_hidden, labels, chunk_size) if keep and shared else None
+        )
         stats = _projected_stats(readout, weight, bias, hidden, delta, ref_hidden, labels, chunk_size, None, kept)[0]
     return dict(zip(STAT_NAMES, stats))
