@@ -60,6 +60,10 @@ class FeatureCacheConfig(RealDataConfig):
     iav_learning_rate: float = field(default=3e-3, metadata={"help": "IAV's learning rate (the design study's)."})
     dpo_learning_rate: float = field(default=1e-3, metadata={"help": "DPO + LoRA's learning rate."})
     target_kl: float = field(default=0.05, metadata={"help": "`target_kl` of the `iav_target_kl` run."})
+    kl_prompts: int = field(
+        default=32,
+        metadata={"help": "Held-out prompts of the target-KL check (8 prompts put the estimate within about 25%)."},
+    )
     variants: list[str] = field(
         default_factory=lambda: list(VARIANTS),
         metadata={"help": f"Runs to make, among {VARIANTS} (`iav` and `iav_cached` always run)."},
@@ -200,7 +204,8 @@ def markdown(results: dict) -> str:
     if kl is not None:
         lines += [
             "",
-            f"Target KL {kl['target_kl']:g} per token: sampled on held-out prompts at alpha 1 "
+            f"Target KL {kl['target_kl']:g} per token: sampled at alpha 1 ({kl['sampled']['responses']} responses to "
+            f"{config['kl_prompts']} held-out prompts) "
             f"{kl['sampled']['kl_per_token']:.4f} ± {kl['sampled']['kl_per_token_stderr']:.4f} (stepwise "
             f"{kl['sampled']['stepwise_kl_per_token']:.4f}); teacher-forced on the held-out pairs "
             f"{kl['teacher_forced_on_heldout_pairs']:.4f}; final lambda_kl "

@@ -1,6 +1,7 @@
 """The adaptive `lambda_kl` (`IAVConfig.target_kl`): PPO's proportional controller, in training and across resumes."""
 
 import json
+import math
 import os
 
 import pytest
@@ -20,15 +21,15 @@ def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
-def test_the_controller_follows_ppos_proportional_rule():
+def test_the_controller_steps_log_lambda_kl_by_the_clipped_log_ratio():
     controller = AdaptiveKLController(value=0.5, target=0.2, horizon=4)
     expected = 0.5
-    for kls in ([0.3], [0.1, 0.15], [2.0], [0.0], [0.2]):
+    # within the clip both ways (two micro-batches averaged), beyond it both ways (0: the untrained head), on target
+    for kls, error in (([0.3], math.log(1.5)), ([0.1, 0.15], math.log(0.625)), ([2.0], 1), ([0.0], -1), ([0.2], 0)):
         for kl in kls:
             controller.observe(kl)
         controller.update()
-        error = min(max(sum(kls) / len(kls) / 0.2 - 1, -0.2), 0.2)
-        expected *= 1 + error / 4
+        expected *= math.exp(error / 4)
         assert controller.value == pytest.approx(expected, rel=1e-12)
     controller.update()  # nothing observed since: no change
     assert controller.value == pytest.approx(expected, rel=1e-12)
@@ -40,10 +41,11 @@ def test_lambda_kl_rises_above_the_target_falls_below_it_and_is_the_one_in_the_l
         trainer.train()
         values, kls = logged(trainer, "iav/lambda_kl"), logged(trainer, "iav/kl")
         # The first step's KL is exactly 0 (a fresh head is the base model): below any target.
-        assert kls[0] == 0 and values[:2] == pytest.approx([0.5, 0.5 * (1 - 0.2 / 2)], rel=1e-6) and len(values) == 6
+        assert kls[0] == 0 and len(values) == 6
+        assert values[:2] == pytest.approx([0.5, 0.5 * math.exp(-1 / 2)], rel=1e-6)
         assert all(direction * (b - a) > 0 for a, b in zip(values[1:], values[2:])), values
-        assert values[-1] == pytest.approx(values[-2] * (1 + direction * 0.2 / 2), rel=1e-6)
-        assert trainer.kl_controller.value == pytest.approx(values[-1] * (1 + direction * 0.1), rel=1e-6)
+        assert values[-1] == pytest.approx(values[-2] * math.exp(direction / 2), rel=1e-6)
+        assert trainer.kl_controller.value == pytest.approx(values[-1] * math.exp(direction / 2), rel=1e-6)
         # each step's loss used that step's lambda_kl
         for entry in (e for e in trainer.state.log_history if "loss" in e):
             parts = entry["iav/pref_loss"] + entry["iav/lambda_kl"] * entry["iav/kl"] + 0.01 * entry["iav/l2"]

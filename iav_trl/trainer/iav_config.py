@@ -59,8 +59,9 @@ class IAVConfig(DPOConfig):
         set, `lambda_kl` is only the starting value: after every optimizer step it is scaled up while `L_KL` is above
         the target and down while below (PPO's adaptive KL coefficient, see `iav_trl.trainer.kl_control`), and logged
         as `iav/lambda_kl`. `None` keeps `lambda_kl` fixed.
-    kl_horizon (`float`, *optional*, defaults to `10.0`):
-        How fast an adaptive `lambda_kl` moves: at most a factor `1 +- 0.2 / kl_horizon` per optimizer step.
+    kl_horizon (`float`, *optional*, defaults to `5.0`):
+        How fast an adaptive `lambda_kl` moves: at most a factor `exp(1 / kl_horizon)` per optimizer step (1.22 at
+        5), so at most a factor `e` over `kl_horizon` steps. Raise it if `iav/lambda_kl` swings around the target.
     freeze_backbone (`bool`, *optional*, defaults to `True`):
         Train only the head. The reference policy is then `z_base` of the same forward pass: no reference model, no
         second forward, no backward through the backbone. Set to `False` to also fine-tune the backbone (full
@@ -120,8 +121,8 @@ class IAVConfig(DPOConfig):
         metadata={"help": "KL per completion token at the training alpha to aim for; lambda_kl then adapts."},
     )
     kl_horizon: float = field(
-        default=10.0,
-        metadata={"help": "Optimizer steps over which an adaptive lambda_kl moves by up to a factor 1.2."},
+        default=5.0,
+        metadata={"help": "Optimizer steps over which an adaptive lambda_kl moves by up to a factor e."},
     )
     freeze_backbone: bool = field(
         default=True, metadata={"help": "Train only the alignment head (the reference is z_base of the same pass)."}
