@@ -57,8 +57,8 @@ class IAVConfig(DPOConfig):
     target_kl (`float` or `None`, *optional*, defaults to `None`):
         The KL per completion token, `L_KL` at the training alpha, that the standard strength should land at. When
         set, `lambda_kl` is only the starting value: after every optimizer step it is scaled up while `L_KL` is above
-        the target and down while below (PPO's adaptive KL coefficient, see `iav_trl.trainer.kl_control`), and logged
-        as `iav/lambda_kl`. `None` keeps `lambda_kl` fixed.
+        the target and down while below (PPO's adaptive KL coefficient in log space, see
+        `iav_trl.trainer.kl_control`), and logged as `iav/lambda_kl`. `None` keeps `lambda_kl` fixed.
     kl_horizon (`float`, *optional*, defaults to `5.0`):
         How fast an adaptive `lambda_kl` moves: at most a factor `exp(1 / kl_horizon)` per optimizer step (1.22 at
         5), so at most a factor `e` over `kl_horizon` steps. Raise it if `iav/lambda_kl` swings around the target.
