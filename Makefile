@@ -5,7 +5,7 @@ export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install quickstart quickstart-tiny test quality bench-decode bench-train bench-alignment bench-real-data \
-	bench-head-study bench-kl-default bench-layer-read bench-heldout-seeds bench-feature-cache bench-serving dpo-suite
+	bench-head-study bench-kl-default bench-layer-read bench-fit bench-heldout-seeds bench-feature-cache bench-serving dpo-suite
 
 install:
 	python -m pip install torch==2.13.0
@@ -57,6 +57,10 @@ bench-kl-default:
 # The head reading earlier layers' residual streams besides the last: 3 variants x 3 seeds, 256 validation pairs.
 bench-layer-read:
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.layer_read_study
+
+# Each head scored on its own training pairs and on validation pairs: under-fitting or over-fitting, 7 variants x 3 seeds.
+bench-fit:
+	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.fit_study
 
 # IAV and DPO + LoRA re-trained with two more seeds at the real-data benchmark's learning rates, on its held-out pairs.
 bench-heldout-seeds:

@@ -22,11 +22,11 @@ PyTorch loop, on the same features from one backbone pass:
         + lambda_kl mean_tokens KL(p_final || p_base) + lambda_l2 mean_tokens (1/V) ||a_t||^2
 
 (IAVTrainer's loss, with TRL's tokenization replaced by the chat template's prompt / completion split); AdamW,
-linear decay to 0, gradient norm clipped at 1, one epoch. The data and splits are the default-`lambda_kl` study's:
-the real-data benchmark's training pairs, validated on its validation pairs plus the last pairs of its shuffled pool;
-the held-out split is never read. Reported per variant and alpha, means over seeds: the win rate of the implicit
-reward (ties as half) ± the seeds' standard error, the mean margin and the KL per completion token. Writes
-`layer_read_study.json` and `.md` into `output_dir`.
+linear decay to 0, gradient norm clipped at 1, one epoch (`epochs`). The data and splits are the default-`lambda_kl`
+study's: the real-data benchmark's training pairs, validated on its validation pairs plus the last pairs of its
+shuffled pool; the held-out split is never read. Reported per variant and alpha, means over seeds: the win rate of
+the implicit reward (ties as half) ± the seeds' standard error, the mean margin and the KL per completion token.
+Writes `layer_read_study.json` and `.md` into `output_dir`.
 
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.layer_read_study
 """
@@ -68,6 +68,8 @@ class LayerReadConfig(KLDefaultConfig):
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of every variant."})
     lambda_kl: float = field(default=0.3, metadata={"help": "Weight of the KL term (IAVConfig's default)."})
     lambda_l2: float = field(default=0.01, metadata={"help": "Weight of the alignment logits' squared RMS."})
+    head_dropout: float = field(default=0.0, metadata={"help": "Dropout on the head's subspace read in training."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay of the head."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds (head, order)."})
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0], metadata={"help": "Alphas to score."})
 
@@ -101,10 +103,32 @@ def tokenize_pair(tokenizer, row: dict[str, Any]) -> dict[str, list[int]]:
     return out
 
 
+CONTEXT_READS = ("prompt_mean", "running_mean")
+
+
+def context_reads(final: torch.Tensor, prompt_length: int, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """Summaries of the context at each scored position `t` (`P - 1 <= t < T - 1`), from the final hidden states of
+    the whole sequence `final` `(T, d)` with a prompt of `P` tokens, each `(T - P, d)`:
+
+        prompt_mean_t  = (1 / P) sum_{s < P} h_s        the request, fixed once the prompt is read
+        running_mean_t = (1 / (t + 1)) sum_{s <= t} h_s  everything read so far
+    """
+    scored = slice(prompt_length - 1, final.shape[0] - 1)
+    count = final.shape[0] - prompt_length
+    reads = {
+        "prompt_mean": lambda: final[:prompt_length].mean(0).expand(count, -1),
+        "running_mean": lambda: (final.cumsum(0) / torch.arange(1, final.shape[0] + 1).unsqueeze(-1))[scored],
+    }
+    return [reads[name]() for name in names]
+
+
 @torch.no_grad()
-def backbone_features(model, tokenizer, pairs: Dataset, layers: tuple[int, ...]) -> list[dict[str, Any]]:
+def backbone_features(
+    model, tokenizer, pairs: Dataset, layers: tuple[int, ...], contexts: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """One backbone pass per sequence: at each scored position (a completion token's predecessor) the final hidden
-    state `h` `(n, d)`, the normed residual streams after `layers` `(n, len(layers), d)`, and the labels `(n,)`."""
+    state `h` `(n, d)`, the extra reads `(n, len(layers) + len(contexts), d)` (the normed residual streams after
+    `layers`, then the `context_reads` named in `contexts`), and the labels `(n,)`."""
     norm = model.get_decoder().norm
     features = []
     for row in pairs:
@@ -115,6 +139,7 @@ def backbone_features(model, tokenizer, pairs: Dataset, layers: tuple[int, ...])
             states = model(sequence, output_hidden_states=True).hidden_states
             scored = slice(len(ids["prompt"]) - 1, sequence.shape[1] - 1)
             extra = [norm(states[layer][0, scored]) for layer in layers]
+            extra += [read.float() for read in context_reads(states[-1][0], len(ids["prompt"]), contexts)]
             pair[side] = {
                 "final": states[-1][0, scored].float(),
                 "extra": torch.stack(extra, dim=1).float() if extra else None,
@@ -124,13 +149,15 @@ def backbone_features(model, tokenizer, pairs: Dataset, layers: tuple[int, ...])
     return features
 
 
-def build_head(hidden_size: int, extra: int, seed: int, size: tuple[int, int] | None = None) -> AlignmentHead:
-    """An alignment head of `size` (`(K, r)`, default `AlignmentHeadConfig`'s) with its read widened to
-    `(1 + extra) * hidden_size` inputs."""
+def build_head(
+    hidden_size: int, extra: int, seed: int, size: tuple[int, int] | None = None, dropout: float | None = None
+) -> AlignmentHead:
+    """An alignment head of `size` (`(K, r)`) and `dropout` (default `AlignmentHeadConfig`'s) with its read widened
+    to `(1 + extra) * hidden_size` inputs."""
     torch.manual_seed(seed)
     defaults = AlignmentHeadConfig()
     interventions, dim = size or (defaults.num_interventions, defaults.intervention_dim)
-    head = AlignmentHead(hidden_size, interventions, dim, defaults.dropout)
+    head = AlignmentHead(hidden_size, interventions, dim, defaults.dropout if dropout is None else dropout)
     if extra:
         head.read = nn.Linear((1 + extra) * hidden_size, dim, bias=False)
     return head
@@ -176,11 +203,14 @@ def pair_margins(log_base, a, batch, alpha: float, beta: float):
 
 
 def train_head(features, config: LayerReadConfig, columns: list[int], seed: int, unembedding, size) -> AlignmentHead:
-    """One epoch of the IAV loss over `features` in a seeded order (the module docstring's loop)."""
-    head = build_head(unembedding.shape[1], len(columns), seed, size)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
-    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    """`config.epochs` (whole) epochs of the IAV loss over `features`, each in a seeded order (the module docstring's
+    loop), with the config's head dropout and weight decay."""
+    head = build_head(unembedding.shape[1], len(columns), seed, size, config.head_dropout)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator, batches = torch.Generator().manual_seed(seed), []
+    for _ in range(max(1, round(config.epochs))):
+        order = torch.randperm(len(features), generator=generator).tolist()
+        batches += [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(batches))
     head.train()
     for rows in batches:
@@ -221,13 +251,18 @@ def score(head, features, config: LayerReadConfig, columns: list[int], unembeddi
     return rows
 
 
-def study(config: LayerReadConfig) -> dict[str, Any]:
+def study_inputs(config: LayerReadConfig) -> tuple[Any, Any, dict[str, Dataset]]:
+    """The model, its tokenizer, and the HH-RLHF `study_splits` (training and validation pairs) of a study."""
     quiet()
-    start = time.perf_counter()
     tokenizer = load_base_tokenizer(config.model)
     model = load_model(config.model)
     pairs, _ = load_pairs(config.data_path("hh_rlhf"), tokenizer, config.max_length)
-    splits = study_splits(pairs, config)
+    return model, tokenizer, study_splits(pairs, config)
+
+
+def study(config: LayerReadConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    model, tokenizer, splits = study_inputs(config)
     variants, sizes = layer_sets(config), head_sizes(config)
     layers = tuple(sorted({layer for variant in variants for layer in variant}))
     if any(not 1 <= layer < model.config.num_hidden_layers for layer in layers):
