@@ -139,7 +139,7 @@ def backbone_features(
             states = model(sequence, output_hidden_states=True).hidden_states
             scored = slice(len(ids["prompt"]) - 1, sequence.shape[1] - 1)
             extra = [norm(states[layer][0, scored]) for layer in layers]
-            extra += [read.float() for read in context_reads(states[-1][0], len(ids["prompt"]), contexts)]
+            extra += context_reads(states[-1][0], len(ids["prompt"]), contexts)
             pair[side] = {
                 "final": states[-1][0, scored].float(),
                 "extra": torch.stack(extra, dim=1).float() if extra else None,
