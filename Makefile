@@ -5,7 +5,8 @@ export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install quickstart quickstart-tiny test quality bench-decode bench-train bench-alignment bench-real-data \
-	bench-head-study bench-kl-default bench-layer-read bench-fit bench-heldout-seeds bench-feature-cache bench-serving dpo-suite
+	bench-head-study bench-kl-default bench-layer-read bench-fit bench-heldout-seeds bench-feature-cache bench-serving \
+	dpo-suite
 
 install:
 	python -m pip install torch==2.13.0
