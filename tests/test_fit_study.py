@@ -1,11 +1,8 @@
 """The fit study (`benchmarks/fit_study.py`) and the layer-read study's context reads, on a tiny random model."""
 
-import json
-import sys
-
 import pytest
 import torch
-from testing_utils import HH, MINIATURE, ULTRAFEEDBACK
+from testing_utils import HH, MINIATURE, ULTRAFEEDBACK, run_study_command
 
 from benchmarks import fit_study
 from benchmarks.fit_study import FitStudyConfig, parse_variant, study
@@ -70,10 +67,6 @@ def test_variants_are_trained_and_scored_on_both_splits_and_bad_ones_refused(
     flags = ["--model", tiny_model, "--hh_rlhf", HH, "--output_dir", str(tmp_path), "--variants", "head_dropout=0.5"]
     flags += ["--num_train", "4", "--num_validation", "2", "--num_heldout", "2", "--extra_validation", "3"]
     flags += ["--max_length", "128", "--batch_size", "4", "--seeds", "0", "--alphas", "1.0"]
-    monkeypatch.setattr(sys, "argv", ["fit_study", *flags])
-    fit_study.main()
-    report = (tmp_path / "fit_study.md").read_text()
-    figures = json.loads((tmp_path / "fit_study.json").read_text())
-    assert capsys.readouterr().out.strip().endswith(report.strip())
+    report, figures = run_study_command(fit_study, flags, tmp_path, monkeypatch, capsys)
     assert [run["variant"] for run in figures["runs"]] == ["head_dropout=0.5"]
     assert "### Scored on the 4 train pairs" in report and report.count("| head_dropout=0.5 |") == 2

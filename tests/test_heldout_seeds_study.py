@@ -2,10 +2,9 @@
 
 import dataclasses
 import json
-import sys
 
 import pytest
-from testing_utils import HH, MINIATURE, ULTRAFEEDBACK
+from testing_utils import HH, MINIATURE, ULTRAFEEDBACK, run_study_command
 
 from benchmarks import heldout_seeds_study
 from benchmarks.heldout_seeds_study import HeldoutSeedsConfig, seed_run, study
@@ -98,10 +97,6 @@ def test_the_command_line_writes_the_figures_and_prints_the_report_it_wrote(
     flags += ["--benchmark_results", path, "--seeds", "3", "--isolate_training", "False"]
     for name in ("max_length", "num_train", "num_validation", "num_heldout", "batch_size", "eval_batch_size"):
         flags += [f"--{name}", str(MINIATURE[name])]
-    monkeypatch.setattr(sys, "argv", ["heldout_seeds_study", *flags])
-    heldout_seeds_study.main()
-    report = (tmp_path / "heldout_seeds_study.md").read_text()
-    figures = json.loads((tmp_path / "heldout_seeds_study.json").read_text())
-    assert capsys.readouterr().out.strip().endswith(report.strip())
+    report, figures = run_study_command(heldout_seeds_study, flags, tmp_path, monkeypatch, capsys)
     assert [run["seed"] for run in figures["datasets"]["hh_rlhf"]["runs"]] == [0, 3]
     assert "| 0 (benchmark) |" in report and "| 3 |" in report and "### UltraFeedback" in report

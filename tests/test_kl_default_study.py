@@ -1,10 +1,7 @@
 """The default-`lambda_kl` study (`benchmarks/kl_default_study.py`) on a tiny random model and the fixtures."""
 
-import json
-import sys
-
 import pytest
-from testing_utils import HH, MINIATURE, ULTRAFEEDBACK
+from testing_utils import HH, MINIATURE, ULTRAFEEDBACK, run_study_command
 
 from benchmarks import kl_default_study
 from benchmarks.kl_default_study import KLDefaultConfig, study, study_splits
@@ -52,9 +49,5 @@ def test_the_command_line_writes_the_figures_and_prints_the_report_it_wrote(tiny
     for name in ("max_length", "num_train", "num_validation", "num_heldout", "batch_size", "eval_batch_size"):
         flags += [f"--{name}", str(getattr(config, name))]
     flags += ["--learning_rates", "0.01", "--seeds", "0", "--alphas", "1.0", "--extra_validation", "3"]
-    monkeypatch.setattr(sys, "argv", ["kl_default_study", *flags])
-    kl_default_study.main()
-    report = (tmp_path / "kl_default_study.md").read_text()
-    figures = json.loads((tmp_path / "kl_default_study.json").read_text())
-    assert capsys.readouterr().out.strip().endswith(report.strip())
+    report, figures = run_study_command(kl_default_study, flags, tmp_path, monkeypatch, capsys)
     assert [run["lambda_kl"] for run in figures["runs"]] == [1.0] and "| lr 0.01, lambda_kl=1 |" in report

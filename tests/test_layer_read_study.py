@@ -1,11 +1,8 @@
 """The layer-read study (`benchmarks/layer_read_study.py`) on a tiny random model and the fixtures."""
 
-import json
-import sys
-
 import pytest
 import torch
-from testing_utils import HH, MINIATURE, ULTRAFEEDBACK
+from testing_utils import HH, MINIATURE, ULTRAFEEDBACK, run_study_command
 
 from benchmarks import layer_read_study
 from benchmarks.layer_read_study import (
@@ -107,11 +104,7 @@ def test_every_variant_and_seed_is_scored_and_the_command_line_writes_what_it_pr
     flags = ["--model", tiny_model, "--hh_rlhf", HH, "--output_dir", str(tmp_path), "--read_layers", "1"]
     flags += ["--num_train", "4", "--num_validation", "2", "--num_heldout", "2", "--extra_validation", "3"]
     flags += ["--max_length", "128", "--batch_size", "4", "--seeds", "0", "--alphas", "1.0", "--head_sizes", "2x16"]
-    monkeypatch.setattr(sys, "argv", ["layer_read_study", *flags])
-    layer_read_study.main()
-    report = (tmp_path / "layer_read_study.md").read_text()
-    figures = json.loads((tmp_path / "layer_read_study.json").read_text())
-    assert capsys.readouterr().out.strip().endswith(report.strip())
+    report, figures = run_study_command(layer_read_study, flags, tmp_path, monkeypatch, capsys)
     assert [run["variant"] for run in figures["runs"]] == ["last + 1, 2x16 head"]
     assert "| last + 1, 2x16 head |" in report
     small = AlignmentHead(32, num_interventions=2, intervention_dim=16)
