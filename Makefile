@@ -5,8 +5,8 @@ export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install quickstart quickstart-tiny test quality bench-decode bench-train bench-alignment bench-real-data \
-	bench-head-study bench-kl-default bench-layer-read bench-fit bench-heldout-seeds bench-feature-cache bench-serving \
-	dpo-suite
+	bench-head-study bench-kl-default bench-layer-read bench-fit bench-heldout-seeds bench-data-size bench-feature-cache \
+	bench-serving dpo-suite
 
 install:
 	python -m pip install torch==2.13.0
@@ -66,6 +66,10 @@ bench-fit:
 # IAV and DPO + LoRA re-trained with two more seeds at the real-data benchmark's learning rates, on its held-out pairs.
 bench-heldout-seeds:
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.heldout_seeds_study
+
+# IAV and DPO + LoRA trained on 3.5x the benchmark's HH-RLHF pairs, scored on its held-out pairs beside the seeds study.
+bench-data-size:
+	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.data_size_study
 
 # Server throughput (SmolLM2-135M-Instruct): mixed per-request alphas against one alpha, IAV against the base model.
 bench-serving:
