@@ -142,7 +142,7 @@ def report(results: dict[str, Any]) -> str:
         f"The real-data benchmark's settings and its {results['pairs']['heldout']} held-out pairs; learning rates "
         f"IAV {rates['iav']:g}, DPO + LoRA {rates['dpo_lora']:g} (the benchmark's choices); one epoch, batch "
         f"{config['batch_size']}; {results['wall_time_s'] / 60:.0f} minutes. Cells: held-out win rate (ties as half) "
-        "/ mean margin of the implicit reward; means over the seeds ± the seeds' standard error.",
+        "/ mean margin of the implicit reward; with several seeds, their means ± the seeds' standard error.",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",
@@ -154,8 +154,9 @@ def report(results: dict[str, Any]) -> str:
             cells = [pairs, str(run["seed"]), *(_cell(rows[a]) for a in alphas), _cell(run["heldout"]["dpo_lora"])]
             lines.append("| " + " | ".join(cells) + " |")
         summary = size["summary"]
-        means = [_cell(summary["iav"][str(a)], se=True) for a in alphas]
-        lines.append("| " + " | ".join([pairs, "**mean**", *means, _cell(summary["dpo_lora"], se=True)]) + " |")
+        if len(size["runs"]) > 1:  # one seed has no spread to show
+            means = [_cell(summary["iav"][str(a)], se=True) for a in alphas]
+            lines.append("| " + " | ".join([pairs, "**mean**", *means, _cell(summary["dpo_lora"], se=True)]) + " |")
     lines.append("")
     for size in results["sizes"]:
         bar = size["summary"]["bar"]

@@ -86,3 +86,5 @@ def test_the_command_line_writes_the_figures_and_prints_the_report_it_wrote(reco
     report, figures = run_study_command(data_size_study, flags, tmp_path, monkeypatch, capsys)
     assert [size["train_pairs"] for size in figures["sizes"]] == [4, 6]
     assert "| 6 (trained here) | 3 |" in report and "| 4 (held-out seeds study) | 1 |" in report
+    # two runs at 4 pairs have a mean and a spread; one run at 6 has neither
+    assert "| 4 (held-out seeds study) | **mean** |" in report and "| 6 (trained here) | **mean** |" not in report
