@@ -16,8 +16,9 @@ the same held-out pairs:
   checked against the benchmark's), so both sizes are scored on the same 256 held-out pairs.
 
 HH-RLHF only: of UltraFeedback's pairs, 107 fit the benchmark's 192 tokens and all are in its splits already.
-Reported: every run's held-out win rate (ties as half) / mean margin, the means ± the seeds' standard error per
-size, and the bar's accuracy checks on the larger size's means. Writes `data_size_study.json` and `.md`.
+Reported: every run's held-out win rate (ties as half) / mean margin, per size with several seeds their means ±
+the seeds' standard error, and the bar's accuracy checks on each size's means. Writes `data_size_study.json` and
+`.md`.
 
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.data_size_study   # make bench-data-size, 50 min
 """
