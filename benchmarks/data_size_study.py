@@ -25,7 +25,6 @@ the seeds' standard error, and the bar's accuracy checks on each size's means. W
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 from datasets import Dataset, concatenate_datasets
 
-from benchmarks.heldout_seeds_study import METHODS, SHARED_SETTINGS, _cell, read_benchmark, seed_run, summarize
+from benchmarks.heldout_seeds_study import METHODS, _cell, read_benchmark, read_results, seed_run, summarize
 from benchmarks.real_data.benchmark import RESULTS_DIR, RealDataConfig, load_pairs, report_main, split_pairs
 from benchmarks.real_data.methods import quiet
 from iav_trl.models.base_models import load_base_tokenizer
@@ -87,20 +86,14 @@ def growth_splits(pairs: Dataset, config: DataSizeConfig) -> dict[str, Dataset]:
 
 
 def read_base_size(config: DataSizeConfig) -> dict[str, Any]:
-    """The held-out seeds study's HH-RLHF figures, refused when its settings differ from this study's."""
-    if not os.path.isfile(config.heldout_seeds_results):
-        raise FileNotFoundError(
-            f"{config.heldout_seeds_results} does not exist: the study compares with the held-out seeds study's runs. "
-            "Run it first (`make bench-heldout-seeds`), or pass its JSON with `--heldout_seeds_results`."
-        )
-    with open(config.heldout_seeds_results) as fh:
-        results = json.load(fh)
-    differing = [name for name in SHARED_SETTINGS if results["config"].get(name) != getattr(config, name)]
-    if differing:
-        raise ValueError(
-            f"The held-out seeds study's settings differ from this study's in {differing}: its runs are not on the "
-            "same pairs. Re-run it with the benchmark's settings."
-        )
+    """The held-out seeds study's HH-RLHF figures, refused (`read_results`) when its settings differ from ours."""
+    results = read_results(
+        config.heldout_seeds_results,
+        config,
+        "the held-out seeds study",
+        "the study compares with the held-out seeds study's runs. Run it first (`make bench-heldout-seeds`), or pass "
+        "its JSON with `--heldout_seeds_results`.",
+    )
     return results["datasets"][DATASET]
 
 

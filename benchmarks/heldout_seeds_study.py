@@ -96,24 +96,34 @@ class HeldoutSeedsConfig(RealDataConfig):
             )
 
 
-def read_benchmark(config: HeldoutSeedsConfig) -> dict[str, Any]:
-    """The benchmark's results, refused with the differing settings named when a re-trained seed would differ."""
-    if not os.path.isfile(config.benchmark_results):
-        raise FileNotFoundError(
-            f"{config.benchmark_results} does not exist: the study adds seeds to the real-data benchmark's results. "
-            "Run the benchmark first (`make bench-real-data`), or pass its JSON with `--benchmark_results`."
-        )
-    with open(config.benchmark_results) as fh:
+def read_results(path: str, config: RealDataConfig, run: str, missing: str) -> dict[str, Any]:
+    """The results JSON at `path` of an earlier `run` (e.g. "the benchmark"), refused with the differing settings
+    named when one of `SHARED_SETTINGS` differs from `config`'s (its figures would not be on the same pairs);
+    `missing` says what to do when there is no such file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: {missing}")
+    with open(path) as fh:
         results = json.load(fh)
     theirs = results["config"]
     differing = [name for name in SHARED_SETTINGS if theirs.get(name) != getattr(config, name)]
     if differing:
         detail = ", ".join(f"{name}: {getattr(config, name)!r} here, {theirs.get(name)!r} there" for name in differing)
         raise ValueError(
-            f"The study's settings differ from those of {config.benchmark_results} ({detail}). Pass the benchmark's "
-            "settings, or re-run the benchmark with these."
+            f"The study's settings differ from those of {path} ({detail}). Pass {run}'s settings, or re-run {run} "
+            "with these."
         )
     return results
+
+
+def read_benchmark(config: HeldoutSeedsConfig) -> dict[str, Any]:
+    """The real-data benchmark's results (`config.benchmark_results`), checked by `read_results`."""
+    return read_results(
+        config.benchmark_results,
+        config,
+        "the benchmark",
+        "the study builds on the real-data benchmark's results. Run the benchmark first (`make bench-real-data`), "
+        "or pass its JSON with `--benchmark_results`.",
+    )
 
 
 def benchmark_run(figures: dict[str, Any], rates: dict[str, float], seed: int) -> dict[str, Any]:

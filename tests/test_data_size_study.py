@@ -69,7 +69,7 @@ def test_missing_or_other_heldout_seeds_results_are_refused_by_name(recorded, tm
     other["config"]["beta"] = 0.2
     path = tmp_path / "other.json"
     path.write_text(json.dumps(other))
-    with pytest.raises(ValueError, match=r"differ from this study's in \['beta'\]"):
+    with pytest.raises(ValueError, match=r"beta: 0\.1 here, 0\.2 there\)\. Pass the held-out seeds study's settings"):
         study(config_for(recorded, tmp_path, heldout_seeds_results=str(path)))
     with pytest.raises(FileNotFoundError, match="make bench-heldout-seeds"):
         study(config_for(recorded, tmp_path, heldout_seeds_results=str(tmp_path / "missing.json")))
