@@ -79,14 +79,15 @@ bench-serving:
 bench-feature-cache:
 	OMP_NUM_THREADS=2 python -m benchmarks.feature_cache
 
-# TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer (needs a git copy of huggingface/trl in TRL_GIT):
-# first the test file as it is, then with its "every parameter changed" checks restricted to trainable parameters.
+# TRL's own DPOTrainer tests with IAVTrainer in place of DPOTrainer: a git copy of huggingface/trl in TRL_GIT and the
+# offline runner in DPO_SUITE (a folder holding run_dpo_suite.sh); first the test file as it is, then with its "every
+# parameter changed" checks restricted to trainable parameters.
 TRL_REV ?= main
 dpo-suite:
-	../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from $(TRL_GIT) --rev $(TRL_REV) --work /tmp/dpo_suite_iav \
+	$(DPO_SUITE)/run_dpo_suite.sh --tests-from $(TRL_GIT) --rev $(TRL_REV) --work /tmp/dpo_suite_iav \
 		--trainer iav_trl.trainer.iav_trainer:IAVTrainer --pythonpath $(CURDIR) --vision-shim -n 2 -- -rsfE || true
 	rm -rf /tmp/dpo_suite_trainable_tests
 	python tests/scripts/dpo_suite_trainable_only.py $(TRL_GIT) $(TRL_REV) /tmp/dpo_suite_trainable_tests
-	../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from /tmp/dpo_suite_trainable_tests \
+	$(DPO_SUITE)/run_dpo_suite.sh --tests-from /tmp/dpo_suite_trainable_tests \
 		--work /tmp/dpo_suite_iav_trainable --trainer iav_trl.trainer.iav_trainer:IAVTrainer --pythonpath $(CURDIR) \
 		--vision-shim -n 2 -- -rsfE

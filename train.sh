@@ -6,11 +6,11 @@
 # dataset_name is a Hub id, a local file or folder, or the seed's short names `hh-rlhf` (Anthropic/hh-rlhf) and
 # `ultrafeedback` (HuggingFaceH4/ultrafeedback_binarized), e.g. `./train.sh meta-llama/Llama-2-7b-hf ultrafeedback out`.
 #
-# The defaults are the seed recipe's (argsearch/llama-7b-sft-float32 on Anthropic/hh-rlhf, 3 epochs, batch size 4,
-# learning rate 5e-5, beta 0.1, lambda_kl 0.1, lambda_l2 0.01, 8 interventions of dimension 256); they live in
-# `iav-trl train` (iav_trl/scripts/args.py), so a positional argument that is left out keeps them. Further arguments go
-# to `iav-trl train` unchanged (`--config recipes/...yaml`, `--bf16`, `--max_steps 100`, ...). The run goes through
-# `accelerate launch`, which reads its own settings from ACCELERATE_ARGS, e.g.
+# Every other setting is `IAVConfig`'s default, as in the Python API and `iav-trl train` (learning rate 1e-3, 3 epochs,
+# beta 0.1, lambda_kl 0.3, lambda_l2 0.01, 8 interventions of dimension 256). The model and dataset come from the
+# positional arguments or from a recipe: `./train.sh --config recipes/llama-7b-sft_hh-rlhf.yaml` is the IAV seed's run.
+# Further arguments go to `iav-trl train` unchanged (`--config recipes/...yaml`, `--bf16`, `--max_steps 100`, ...).
+# The run goes through `accelerate launch`, which reads its own settings from ACCELERATE_ARGS, e.g.
 #
 #   ACCELERATE_ARGS="--config_file accelerate_configs/zero2.yaml" ./train.sh meta-llama/Llama-2-7b-hf
 set -euo pipefail

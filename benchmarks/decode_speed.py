@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from iav_trl import AlignmentHeadConfig, get_iav_model
+from iav_trl.evaluation.timing import summarize_times, time_rounds
 
 
 class OwnVocabHead(nn.Module):
@@ -49,16 +48,6 @@ class OwnVocabHead(nn.Module):
 
     def generate(self, **kwargs):
         return self.model.generate(**kwargs)
-
-
-def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -100,14 +89,8 @@ def main() -> None:
         "own-vocab head": lambda: own.generate(**common),
     }
     with torch.no_grad():
-        for run in models.values():  # warm-up
-            run()
-        times = {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name, run in models.items():
-                times[name].append(timed(run, args.device))
-
-    tokens = args.batch * args.new_tokens
+        seconds = time_rounds(models, args.rounds, warmup=1, device=args.device)
+    summary = summarize_times(seconds, work=args.batch * args.new_tokens)
     results = {
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -116,13 +99,13 @@ def main() -> None:
         "rounds": args.rounds,
         "variants": {
             name: {
-                "median_s": statistics.median(t),
-                "tokens_per_s": tokens / statistics.median(t),
+                "median_s": row["median_s"],
+                "tokens_per_s": row["per_s"],
                 # Median of per-round ratios: each round times every variant back to back, so load on this shared
                 # machine that drifts between rounds cancels out.
-                "speed_vs_base": statistics.median(b / v for b, v in zip(times["base"], t)),
+                "speed_vs_base": row["speed_vs"].get("base", 1.0),
             }
-            for name, t in times.items()
+            for name, row in summary.items()
         },
     }
     print(f"| variant | tokens/s | speed vs base |  ({args.device}, {torch.get_num_threads()} threads)")

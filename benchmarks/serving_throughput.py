@@ -41,7 +41,7 @@ from iav_trl.inference.serving import ServedModel, build_app, serve_in_thread
 from iav_trl.models.base_models import load_base_model, load_base_tokenizer
 from iav_trl.models.tiny import tiny_causal_lm, train_tokenizer
 
-DATA = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test-1500.jsonl.gz")
+DATA = os.path.join(ROOT, "examples", "data", "harmless-base-test-1500.jsonl.gz")
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 

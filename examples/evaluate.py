@@ -8,7 +8,7 @@ For real work pass a base model and a trained head:
     python examples/evaluate.py [--output-dir outputs/evaluate] [--prompts 16] [--max-new-tokens 32]
     python examples/evaluate.py --model Qwen/Qwen2.5-0.5B-Instruct --adapter path/to/head
 
-Needs the `eval` extra for its plots (matplotlib): pip install "iav-trl[eval]".
+Needs the `eval` extra for its plots (matplotlib): pip install -e ".[eval]".
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def check_requirements() -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise SystemExit(
             "examples/evaluate.py plots its results with matplotlib, which is not installed: run `pip install "
-            '"iav-trl[eval]"` (or `pip install matplotlib`).'
+            '-e ".[eval]"` from the repository (or `pip install matplotlib`).'
         )
 
 

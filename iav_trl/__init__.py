@@ -6,7 +6,6 @@ test time.
 
 __version__ = "0.1.0"
 
-from iav_trl import moved_modules
 from iav_trl.data import build_dataset_mixture, detect_schema, load_preference_dataset, parse_hh_dialogue
 from iav_trl.evaluation import EvaluationConfig, IAVEvaluator
 from iav_trl.inference import GenARMLogitsProcessor, IAVInference, genarm_generate
@@ -21,9 +20,6 @@ from iav_trl.tuners.iav import (
     get_iav_model,
 )
 from iav_trl.tuners.iav.alpha import ALPHA_GUIDE
-
-moved_modules.install()  # the 0.1 module paths (`iav_trl.iav_config`, ...) for one release
-
 
 __all__ = [
     "ALPHA_GUIDE",

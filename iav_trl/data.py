@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from datasets import Dataset, DatasetDict, Features, LargeList, List, Value, concatenate_datasets
+from datasets import Dataset, DatasetDict, Features, Json, LargeList, List, Value, concatenate_datasets
 from trl.data_utils import extract_prompt
 
 logger = logging.getLogger(__name__)
@@ -159,11 +159,18 @@ def parse_hh_dialogue(text: str) -> list[Message] | None:
 
 
 def column_kind(feature: Any) -> str:
-    """Classify a column's feature as ``"text"`` (strings), ``"messages"`` ({role, content} lists) or ``"other"``."""
+    """Classify a column's feature as ``"text"`` (strings), ``"messages"`` (lists of chat messages) or ``"other"``.
+
+    A list column is messages when its items are structs with a ``role`` (as `trl.is_conversational` decides) or
+    JSON values (``List(Json)``, which `datasets` infers for messages of differing keys, such as tool calls); each
+    row's messages are then checked by `row_problem`.
+    """
     if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
         return TEXT
-    if isinstance(feature, (List, LargeList)) and isinstance(feature.feature, dict):
-        return MESSAGES if {"role", "content"} <= feature.feature.keys() else OTHER
+    if isinstance(feature, (List, LargeList)):
+        item = feature.feature
+        if (isinstance(item, dict) and "role" in item) or isinstance(item, Json):
+            return MESSAGES
     return OTHER
 
 
@@ -231,6 +238,7 @@ class _Layout:
 
     kind: str
     prompt: str
+    whole_messages: bool = False
     code_digest: str = _CODE_DIGEST
 
 
@@ -244,7 +252,10 @@ def _layout(dataset: Dataset, schema: str, name: str) -> _Layout:
         return _Layout(MESSAGES, "implicit")
     if schema == "trl" and completion is not None:
         # As trl.maybe_extract_prompt: a prompt column of another type than the completions is not the prompt.
-        return _Layout(completion, "explicit" if kinds.get("prompt") == completion else "implicit")
+        prompt = "explicit" if kinds.get("prompt") == completion else "implicit"
+        # Messages beyond {role, content} (tool calls, tool results, content parts) are kept whole, as TRL reads them.
+        whole = completion == MESSAGES and dataset.features["chosen"] != _MESSAGE_FEATURE
+        return _Layout(completion, prompt, whole_messages=whole)
     raise _schema_error(dataset, name, schema)
 
 
@@ -271,6 +282,36 @@ def _read_messages(value: Any) -> list[Message]:
     ):
         raise _MalformedRow("unparseable")
     return [{"role": message["role"], "content": message["content"]} for message in value]
+
+
+def _message_text(message: Mapping[str, Any]) -> str:
+    """The text of a chat message: its ``content`` string, or the ``text`` of its content parts (multimodal)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content if isinstance(part, Mapping))
+    return content or ""
+
+
+def _is_chat_message(message: Any) -> bool:
+    """Whether ``message`` is a chat message as TRL's chat templates take it: a dict with a string ``role`` and a
+    ``content`` that is a string or a list of content parts, or that is missing or null in a message carrying
+    ``tool_calls`` (an assistant calling a tool)."""
+    if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+        return False
+    content = message.get("content")
+    if isinstance(content, str):
+        return True
+    if isinstance(content, list):
+        return all(isinstance(part, Mapping) for part in content)
+    return content is None and bool(message.get("tool_calls"))
+
+
+def _read_chat(value: Any) -> list[Mapping[str, Any]]:
+    """Return ``value`` unchanged if it is a list of chat messages (`_is_chat_message`: tool calls, tool results
+    and content parts included, as DPOTrainer trains on them), else raise ``unparseable``."""
+    if not isinstance(value, list) or not all(_is_chat_message(message) for message in value):
+        raise _MalformedRow("unparseable")
+    return value
 
 
 def _read_dialogue(value: Any) -> list[Message]:
@@ -300,7 +341,9 @@ def _check_messages(pair: Row) -> None:
     completions = (pair["chosen"], pair["rejected"])
     if not all(completion and completion[-1]["role"] == "assistant" for completion in completions):
         raise _MalformedRow("no_assistant_turn")
-    if not all(completion[-1]["content"].strip() for completion in completions):
+    if not all(
+        _message_text(completion[-1]).strip() or completion[-1].get("tool_calls") for completion in completions
+    ):
         raise _MalformedRow("empty_completion")
     if not all(completion[0]["role"] == "assistant" for completion in completions):
         raise _MalformedRow("prompt_mismatch")
@@ -322,7 +365,13 @@ def _check_text(pair: Row) -> None:
 
 def _read_pair(row: Row, layout: _Layout) -> Row:
     """Return the checked ``{prompt, chosen, rejected}`` of one source row, or raise `_MalformedRow`."""
-    read = _read_dialogue if layout.prompt == "dialogue" else _READERS[layout.kind]
+    read = (
+        _read_dialogue
+        if layout.prompt == "dialogue"
+        else _read_chat
+        if layout.whole_messages
+        else _READERS[layout.kind]
+    )
     chosen, rejected = read(row["chosen"]), read(row["rejected"])
     if layout.prompt == "explicit":
         pair = {"prompt": read(row["prompt"]), "chosen": chosen, "rejected": rejected}
@@ -339,7 +388,7 @@ def row_problem(row: Mapping[str, Any], kind: str, explicit_prompt: bool) -> tup
     else ``(reason, column)``, the reason a key of `MALFORMED_REASONS` and the column the unparseable value is in
     (``None`` for the other reasons, which concern the pair).
     """
-    read = _READERS[kind]
+    read = _read_chat if kind == MESSAGES else _read_text
     values = {}
     for column in ("prompt", "chosen", "rejected") if explicit_prompt else ("chosen", "rejected"):
         try:
@@ -392,12 +441,16 @@ def _to_preference_format(dataset: Dataset, schema: str, name: str, num_proc: in
         raise ValueError(f"Unknown schema {schema!r}; pass 'auto' or one of {', '.join(SCHEMAS)}.")
     resolved = detect_schema(dataset, name) if schema == "auto" else schema
     layout = _layout(dataset, resolved, name)
-    column = _MESSAGE_FEATURE if layout.kind == MESSAGES else Value("string")
+    column = (
+        List(Json()) if layout.whole_messages else _MESSAGE_FEATURE if layout.kind == MESSAGES else Value("string")
+    )
+    # A `tools` column (the functions a tool-calling conversation may call) goes to the chat template: kept as is.
+    kept = {"tools": dataset.features["tools"]} if "tools" in dataset.column_names else {}
     converted = dataset.map(
         _convert_row,
         fn_kwargs={"layout": layout},
-        remove_columns=dataset.column_names,
-        features=Features({"prompt": column, "chosen": column, "rejected": column, _REASON: Value("string")}),
+        remove_columns=[name for name in dataset.column_names if name not in kept],
+        features=Features({"prompt": column, "chosen": column, "rejected": column, **kept, _REASON: Value("string")}),
         num_proc=num_proc,
         desc=f"Converting {name} ({resolved}) to preference format",
     )

@@ -385,7 +385,7 @@ def test_decode_speed_times_exactly_new_tokens_greedily_unless_asked_to_sample()
     assert set(speed) == {"a", "b"} and set(speed["a"]["speedup_vs"]) == {"b"}
     assert speed["a"]["tokens_per_s"] == pytest.approx(2 * 5 / speed["a"]["best_s"])  # the best of the rounds
     assert speed["a"]["best_s"] <= speed["a"]["median_s"]
-    assert speed["a"]["speedup_vs"]["b"] == pytest.approx(speed["b"]["best_s"] / speed["a"]["best_s"])
+    assert speed["a"]["speedup_vs"]["b"] > 0  # the estimator itself: tests/test_timing.py
     calls.clear()
     decode_speed({"a": decoder}, inputs, new_tokens=5, rounds=1, seed=0, do_sample=True)
     assert all(call["do_sample"] and call["temperature"] == 1.0 and call["top_k"] == 0 for call in calls)

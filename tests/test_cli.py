@@ -1,6 +1,7 @@
 """The `iav-trl` command line: real commands in subprocesses on tiny models (offline), and its flags and defaults."""
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -110,7 +111,7 @@ def test_eval_reports_zero_reward_at_alpha_zero_and_the_trainer_metrics_at_each_
     results_file = tmp_path / "eval.json"
     result = iav_trl(
         "eval", "--config", QUICKSTART, "--adapter", str(random_head), "--alphas", "0", "2",
-        "--results_file", str(results_file),
+        "--results_file", str(results_file), "--per_device_eval_batch_size", "64",
     )  # fmt: skip
     data = json.loads(results_file.read_text())
     rows = {row["alpha"]: row for row in data["results"]}
@@ -120,14 +121,15 @@ def test_eval_reports_zero_reward_at_alpha_zero_and_the_trainer_metrics_at_each_
     assert rows[0.0]["accuracy"] == 0.0 and rows[0.0]["margin"] == 0.0
     assert rows[0.0]["chosen_reward"] == 0.0 and rows[0.0]["rejected_reward"] == 0.0
 
-    # alpha 2 equals what IAVTrainer.evaluate reports for a head trained and evaluated at alpha 2.
+    # alpha 2 equals what IAVTrainer.evaluate reports for a head trained and evaluated at alpha 2 (one batch: TRL's
+    # batch means are then the means over the pairs).
     with open(os.path.join(ROOT, QUICKSTART)) as fh:
         recipe = yaml.safe_load(fh)
     test = build_dataset_mixture(recipe["dataset_mixture"])["test"]
     model = IAVModel.from_pretrained(AutoModelForCausalLM.from_pretrained(random_head / "tiny_base"), random_head)
     args = IAVConfig(
         output_dir=str(tmp_path), alpha=2.0, beta=recipe["beta"], max_length=recipe["max_length"], bf16=False,
-        report_to=[], num_interventions=4, intervention_dim=64,
+        report_to=[], num_interventions=4, intervention_dim=64, per_device_eval_batch_size=64,
     )  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(random_head)
     trainer = IAVTrainer(model, args=args, train_dataset=test, eval_dataset=test, processing_class=tokenizer)
@@ -178,27 +180,24 @@ def test_seed_flag_sets_its_field(flag, value, field_name, expected):
 
 
 def test_seed_switches_bf16_and_gradient_checkpointing_work_as_bare_flags():
+    # bf16 is off by default on a machine without a bfloat16 accelerator (this one), as IAVConfig decides.
     assert train_args()["bf16"] is False and train_args()["gradient_checkpointing"] is False
     parsed = train_args("--bf16", "--gradient_checkpointing", "--use_cpu")  # --use_cpu: bf16 on a machine without GPU
     assert parsed["bf16"] is True and parsed["gradient_checkpointing"] is True
 
 
-def test_train_defaults_are_the_seed_recipe():
-    parsed = train_args()
-    seed = dict(
-        model_name_or_path="argsearch/llama-7b-sft-float32",
-        dataset_name="Anthropic/hh-rlhf",
-        num_train_epochs=3.0,
-        per_device_train_batch_size=4,
-        learning_rate=5e-5,
-        beta=0.1,
-        lambda_kl=0.1,
-        lambda_l2=0.01,
-        num_interventions=8,
-        intervention_dim=256,
-    )
-    assert {name: parsed[name] for name in seed} == seed
-    assert parsed["output_dir"] == os.path.join("outputs", "llama-7b-sft-float32-IAV")
+def test_train_defaults_are_iavconfigs_own_the_python_apis():
+    # One set of defaults: `iav-trl train` (and `./train.sh`, which runs it) parses to what `IAVConfig()` holds.
+    _, parsed, _ = parse_command_args("train", ["--output_dir", "out"])
+    api = IAVConfig(output_dir="out")
+    differing = {f.name for f in dataclasses.fields(IAVConfig) if getattr(parsed, f.name) != getattr(api, f.name)}
+    assert differing <= {"logging_dir"}, differing  # logging_dir is stamped with the time of construction
+    assert (api.learning_rate, api.lambda_kl, api.beta, api.lambda_l2) == (1e-3, 0.3, 0.1, 0.01)
+
+
+def test_train_without_a_model_fails_naming_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="No base model: pass --model_name_or_path"):
+        main(["train", "--dataset_name", FIXTURE, "--output_dir", str(tmp_path)])
 
 
 def test_flags_override_the_recipe():
@@ -273,7 +272,7 @@ def test_quantization_without_bitsandbytes_fails_early_naming_the_extra(monkeypa
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
     )
-    with pytest.raises(ImportError, match=r'pip install "iav-trl\[quantization\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[quantization\]"'):
         quantization_config(ModelConfig(load_in_4bit=True))
     assert quantization_config(ModelConfig()) is None
 
@@ -459,7 +458,7 @@ def test_eval_reports_ties_and_win_rate_and_alpha_zero_is_all_ties_not_all_losse
     trainer = IAVTrainer(loaded, args=args, train_dataset=test, eval_dataset=test, processing_class=tokenizer)
     margins = []
     for batch in trainer.get_eval_dataloader():
-        inputs = trainer._prepare_inputs(batch)
+        inputs = batch  # the dataloader's batches are on the trainer's device already
         labels, mask = inputs["input_ids"][:, 1:, None], inputs["completion_mask"][:, 1:].float()
         with torch.no_grad():
             logps = [
@@ -474,6 +473,9 @@ def test_eval_reports_ties_and_win_rate_and_alpha_zero_is_all_ties_not_all_losse
     ties, wins = (margins == 0).float().mean().item(), (margins > 1e-6).float().mean().item()
     assert rows[2.0]["ties"] == pytest.approx(ties) and rows[2.0]["win_rate"] == pytest.approx(wins + ties / 2)
     assert rows[2.0]["ties"] < 1.0  # the head moves the rewards: the pairs are no longer tied
+    assert rows[2.0]["margin"] == pytest.approx(margins.mean().item(), rel=1e-4, abs=1e-6)
+    assert rows[2.0]["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(margins).mean().item(), rel=1e-4)
+    assert rows[0.0]["kl"] == 0.0 and rows[2.0]["kl"] > 0.0
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

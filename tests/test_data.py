@@ -366,6 +366,31 @@ def test_trl_explicit_prompt_datasets_pass_through_unchanged(hh_pairs, uf_pairs)
     assert load_preference_dataset(Dataset.from_list(standard)).to_list() == standard
 
 
+def test_tool_calling_rows_keep_their_tool_calls_and_tools_column():
+    call = {"type": "function", "function": {"name": "roll_dice", "arguments": {"sides": 6}}}
+    tools = [{"type": "function", "function": {"name": "roll_dice"}}]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "Roll a die."}],
+            "chosen": [
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "name": "roll_dice", "content": "4"},
+                {"role": "assistant", "content": "You rolled a 4."},
+            ],
+            "rejected": [{"role": "assistant", "content": "You rolled a 9."}],
+            "tools": tools,
+        },
+        {  # an assistant message with neither content nor tool calls: unparseable, dropped and counted
+            "prompt": [{"role": "user", "content": "Roll again."}],
+            "chosen": [{"role": "assistant"}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+            "tools": tools,
+        },
+    ]
+    loaded = load_preference_dataset(Dataset.from_list(rows, on_mixed_types="use_json"))
+    assert loaded.to_list() == rows[:1]
+
+
 def test_trl_standard_implicit_prompt_is_split_like_trl():
     dataset = Dataset.from_dict({"chosen": ["The sky is blue."], "rejected": ["The sky is green."]})
     assert load_preference_dataset(dataset).to_list() == [

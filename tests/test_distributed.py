@@ -34,7 +34,7 @@ NUM_PROMPTS = 8  # as in train_head.py: 2 processes x 2 pairs x 2 steps, one epo
 HEAD_SHAPES = {name: tuple(p.shape) for name, p in AlignmentHead(32, 3, 8).state_dict().items()}  # tiny: d=32
 
 needs_deepspeed = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install iav-trl[deepspeed])"
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install -e .[deepspeed])"
 )
 # On CPU the GPU configs run with 2 processes, in float32, on a free port.
 CPU_OVERRIDES = ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]

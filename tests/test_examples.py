@@ -41,7 +41,7 @@ def test_readme_install_command_pulls_the_extras_the_examples_name():
     for name in os.listdir(os.path.join(ROOT, "examples")):
         if name.endswith(".py"):
             with open(os.path.join(ROOT, "examples", name), encoding="utf-8") as example:
-                needed |= set(re.findall(r"iav-trl\[(\w+)\]", example.read()))
+                needed |= set(re.findall(r"\.\[(\w+)\]", example.read()))
     assert "eval" in needed  # examples/evaluate.py plots with matplotlib
     assert needed <= readme_install_extras()
 
@@ -53,5 +53,5 @@ def test_evaluate_example_without_matplotlib_stops_at_start_naming_the_extra(mon
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])
     monkeypatch.setattr(example, "load_preference_dataset", lambda *a, **k: pytest.fail("ran before the check"))
-    with pytest.raises(SystemExit, match=r'pip install "iav-trl\[eval\]"'):
+    with pytest.raises(SystemExit, match=r'pip install -e "\.\[eval\]"'):
         example.main()

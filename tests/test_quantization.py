@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from iav_trl import IAVConfig, IAVTrainer
 from iav_trl.models.tiny import tiny_causal_lm
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install iav-trl[quantization])")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[quantization])")
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16  # noqa: E402
 
 NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)

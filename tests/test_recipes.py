@@ -64,14 +64,26 @@ def test_quickstart_recipe_builds_its_model_locally_and_runs_offline():
     assert not training_args.bf16 and training_args.report_to == []
 
 
-def test_seed_recipe_holds_the_cli_defaults():
-    def merged(args):
-        return {key: value for parsed in as_dicts(parse_command_args("train", args)) for key, value in parsed.items()}
+def test_seed_recipe_trains_with_its_values_as_written():
+    # `learning_rate: 5e-5` is a string to YAML 1.1; it parses as a float, as TRL's own --config takes it.
+    with open(SEED_RECIPE) as fh:
+        assert yaml.safe_load(fh)["training"]["learning_rate"] == "5e-5"
+    _, training_args, model_args = parse_command_args("train", ["--config", SEED_RECIPE, *CPU])
+    assert training_args.learning_rate == 5e-5 and isinstance(training_args.learning_rate, float)
+    assert (training_args.lambda_kl, training_args.per_device_train_batch_size) == (0.1, 4)
+    assert model_args.model_name_or_path == "argsearch/llama-7b-sft-float32"
 
-    recipe, defaults = merged(["--config", SEED_RECIPE, *CPU]), merged(CPU)
-    seed_settings = ["model_name_or_path", "dataset_name", "num_train_epochs", "per_device_train_batch_size"]
-    seed_settings += ["learning_rate", "beta", "lambda_kl", "lambda_l2", "num_interventions", "intervention_dim"]
-    assert {name: recipe[name] for name in seed_settings} == {name: defaults[name] for name in seed_settings}
+
+def test_numbers_written_as_strings_are_converted_and_text_that_is_no_number_refused(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("learning_rate: 1e-4\nalphas: ['0', '1.5']\nper_device_train_batch_size: '2'\n")
+    _, training_args, _ = parse_command_args("train", ["--config", str(path)])
+    assert (training_args.learning_rate, training_args.per_device_train_batch_size) == (1e-4, 2)
+    _, eval_args, _, _ = parse_command_args("eval", ["--config", str(path), "--adapter", "x"])
+    assert eval_args.alphas == [0.0, 1.5]
+    path.write_text("learning_rate: fast\n")
+    with pytest.raises(ValueError, match="'learning_rate' must be a float, got 'fast'"):
+        parse_command_args("train", ["--config", str(path)])
 
 
 NESTED = """

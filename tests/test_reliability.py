@@ -98,7 +98,7 @@ GOOD_CHAT = {
         ([{**GOOD_STANDARD, "chosen": [" Mix", " flour"]}] * 2, r"`train_dataset` column `chosen` holds List\(Value"),
         (
             [GOOD_CHAT, {**GOOD_CHAT, "rejected": conversation(("assistant", None))}],
-            r"`train_dataset` row 1, column `rejected`: .* is not a list of \{'role': str, 'content': str\} messages",
+            r"`train_dataset` row 1, column `rejected`: .* is not a list of chat messages",
         ),
         ([{**GOOD_CHAT, "prompt": "How do I bake bread?"}] * 2, r"column `prompt` holds Value\('string'\) values"),
     ],
@@ -115,6 +115,54 @@ def test_rows_of_the_wrong_type_fail_before_the_model_is_loaded_naming_column_ro
             train_dataset=Dataset.from_list(rows),
         )
     assert "load_preference_dataset" in str(error.value)
+
+
+def tool_call(name: str, arguments: dict, result: str, answer: str) -> list[dict]:
+    return [
+        {
+            "role": "assistant",
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}],
+        },
+        {"role": "tool", "name": name, "content": result},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+TOOLS = [{"type": "function", "function": {"name": "roll_dice", "parameters": {"type": "object"}}}]
+TOOL_ROWS = [
+    {
+        "prompt": conversation(("user", f"Roll a {sides}-sided die.")),
+        "chosen": tool_call("roll_dice", {"sides": sides}, "3", "You rolled a 3."),
+        "rejected": conversation(("assistant", f"You rolled a {sides + 5}."))
+        if sides % 2
+        else tool_call("roll_dice", {"sides": sides + 1}, "9", "You rolled a 9."),
+        "tools": TOOLS,
+    }
+    for sides in range(4, 12)
+]
+
+
+def test_tool_calling_preference_rows_train_as_dpotrainer_trains_them(tokenizer, tmp_path):
+    # TRL's tool-call layout: assistant messages with `tool_calls` and no content, `tool` messages, a `tools` column;
+    # `datasets` types such mixed messages as List(Json).
+    dataset = Dataset.from_list(TOOL_ROWS, on_mixed_types="use_json")
+    assert str(dataset.features["chosen"]) == "List(Json(decode=True))"
+    trainer = make_trainer(tmp_path, tokenizer, train_dataset=dataset, max_steps=2)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert [step for step, _ in logged(trainer)] == [1, 2]
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    # The rendered prompt and completions carry the tool calls: TRL tokenized the messages whole.
+    row = trainer.train_dataset[0]
+    rendered = tokenizer.decode(row["prompt_ids"] + row["chosen_ids"])
+    assert "roll_dice" in rendered and "<|tool|>" in rendered
+
+
+def test_a_message_without_content_or_tool_calls_is_refused_naming_the_row(tokenizer, tmp_path):
+    rows = [*TOOL_ROWS[:2], {**TOOL_ROWS[2], "chosen": [{"role": "assistant"}]}]
+    with pytest.raises(ValueError, match=r"`train_dataset` row 2, column `chosen`: .* is not a list of chat messages"):
+        make_trainer(tmp_path, tokenizer, train_dataset=Dataset.from_list(rows, on_mixed_types="use_json"))
 
 
 def test_rows_of_the_eval_dataset_are_checked_too(tokenizer, tmp_path):

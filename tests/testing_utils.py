@@ -3,9 +3,7 @@ from the documented formulas, independent of iav_trl's code; tiny deterministic 
 fixture files and the benchmarks' miniature settings. Fixtures are in `conftest.py`; scripts the tests run as
 subprocesses are in `tests/scripts/`."""
 
-import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -137,19 +135,6 @@ def make_trainer(
 def logged(trainer, key: str = "loss") -> list[tuple[int, float]]:
     """`(step, value)` of every training log holding `key`."""
     return [(entry["step"], entry[key]) for entry in trainer.state.log_history if key in entry]
-
-
-def run_study_command(module, flags: list[str], output_dir, monkeypatch, capsys) -> tuple[str, dict]:
-    """Run a benchmark study's `main()` with `flags` as its command line. Returns the markdown report and the JSON
-    figures it wrote into `output_dir` (as `<stem>.md` / `.json`, the stem being the module's name), after checking
-    that it printed that report."""
-    stem = module.__name__.rsplit(".", 1)[-1]
-    monkeypatch.setattr(sys, "argv", [stem, *flags])
-    module.main()
-    report = (output_dir / f"{stem}.md").read_text()
-    figures = json.loads((output_dir / f"{stem}.json").read_text())
-    assert capsys.readouterr().out.strip().endswith(report.strip())
-    return report, figures
 
 
 def checkpoints(output_dir) -> list[str]:

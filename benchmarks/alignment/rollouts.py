@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +28,8 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from benchmarks.alignment.task import Prompt, is_well_formed, true_reward
+from iav_trl.evaluation.metrics import sequence_kl_terms
+from iav_trl.evaluation.timing import summarize_times, time_rounds
 from iav_trl.inference.iav_inference import completion_mask, decode_completions, encode_prompts
 
 Decoder = Callable[..., Any]
@@ -103,8 +103,9 @@ def sample(
         if reference is not None:
             full_mask = torch.cat([inputs["attention_mask"], mask.long()], dim=1)
             ref = _reference_logprobs(reference, out.sequences, full_mask, prompt_length)
-            ref_logps.append((ref.gather(-1, new.unsqueeze(-1)).squeeze(-1) * mask).sum(-1))
-            stepwise_kl.append(((logp.exp() * (logp - ref)).sum(-1) * mask).sum(-1))
+            log_ratio, steps = sequence_kl_terms(logp, ref, new, mask)
+            ref_logps.append(logps[-1] - log_ratio)
+            stepwise_kl.append(steps)
     rewards = torch.tensor([true_reward(text) for text in completions])
     return Rollouts(
         prompts=list(prompts),
@@ -194,33 +195,22 @@ def decode_speed(
 ) -> dict[str, dict[str, float]]:
     """
     Tokens/s of each decoder on the same `inputs`, decoding exactly `new_tokens` tokens per row
-    (`min_new_tokens = max_new_tokens`) greedily, or with `SAMPLING` when `do_sample`, timed in interleaved rounds
-    (rotating order) after one warm-up call each. Each decoder's time is its best round, as `timeit` advises: on a
-    shared machine interference only ever adds time (here one call varies by +-15% from round to round), so the
-    minimum is the steadiest estimate of what the decoding itself costs. Returns per decoder the best and the median
-    seconds, tokens/s at the best time, and `speedup_vs`: `best(other) / best(decoder)` for every other decoder.
+    (`min_new_tokens = max_new_tokens`) greedily, or with `SAMPLING` when `do_sample`, timed with
+    `iav_trl.evaluation.timing` (interleaved rounds, rotating order, one warm-up call each; round `r` seeded with
+    `seed + r`). Returns per decoder the best and the median seconds, tokens/s at the best time (interference only
+    adds time on a shared machine), and `speedup_vs`: the median over rounds of `t(other) / t(decoder)`.
     """
-    names = list(decoders)
     kwargs = dict(**(SAMPLING if do_sample else GREEDY), min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    runs = {name: (lambda decoder=decoder: decoder(**inputs, **kwargs)) for name, decoder in decoders.items()}
     with torch.no_grad():
-        for name in names:
-            decoders[name](**inputs, **kwargs)
-        for round_index in range(rounds):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                torch.manual_seed(seed + round_index)
-                start = time.perf_counter()
-                decoders[name](**inputs, **kwargs)
-                times[name].append(time.perf_counter() - start)
-    tokens = inputs["input_ids"].shape[0] * new_tokens
-    best = {name: min(times[name]) for name in names}
+        seconds = time_rounds(runs, rounds, warmup=1, before_call=lambda r: torch.manual_seed(seed + r))
+    summary = summarize_times(seconds, work=inputs["input_ids"].shape[0] * new_tokens)
     return {
         name: {
-            "best_s": best[name],
-            "median_s": statistics.median(times[name]),
-            "tokens_per_s": tokens / best[name],
-            "speedup_vs": {other: best[other] / best[name] for other in names if other != name},
+            "best_s": row["best_s"],
+            "median_s": row["median_s"],
+            "tokens_per_s": inputs["input_ids"].shape[0] * new_tokens / row["best_s"],
+            "speedup_vs": row["speed_vs"],
         }
-        for name in names
+        for name, row in summary.items()
     }

@@ -110,11 +110,11 @@ class RealDataConfig:
         },
     )
     hh_rlhf: str = field(
-        default="../shared/data/hh-rlhf/harmless-base-test-1500.jsonl.gz",
+        default="examples/data/harmless-base-test-1500.jsonl.gz",
         metadata={"help": "HH-RLHF data file (Anthropic/hh-rlhf schema); a relative path is from the repo root."},
     )
     ultrafeedback: str = field(
-        default="../shared/data/ultrafeedback/binarized-train_prefs-1000.jsonl.gz",
+        default="benchmarks/data/binarized-train_prefs-1000.jsonl.gz",
         metadata={"help": "UltraFeedback binarized data file; a relative path is from the repo root."},
     )
     output_dir: str = field(default=RESULTS_DIR, metadata={"help": "Where the JSON and markdown are written."})

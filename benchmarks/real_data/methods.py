@@ -17,7 +17,6 @@ training's own. The trained head or adapter is saved; `load_trained` reads it ba
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
 import os
 import tempfile
@@ -38,9 +37,9 @@ from benchmarks.alignment.methods import ReferenceFreeDPOTrainer
 from benchmarks.alignment.rollouts import GREEDY, SAMPLING
 from benchmarks.train_step import maxrss_mb, release_memory, reset_peak_rss, rss_mb
 from iav_trl import IAVConfig, IAVModel, IAVTrainer
+from iav_trl.evaluation.metrics import kl_per_token, sequence_kl_terms
 from iav_trl.inference.iav_inference import completion_mask, decode_completions, encode_prompts
 from iav_trl.models.base_models import load_base_model, load_base_tokenizer
-from iav_trl.scripts.inference import EVAL_METRICS
 
 METHODS = {"iav": "IAV", "dpo_lora": "DPO + LoRA", "genarm": "GenARM"}
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -123,13 +122,42 @@ def build_trainer(
     return trainer
 
 
+# Reported metric -> the `DPOTrainer.evaluate` metric it is (DPO + LoRA and GenARM are scored by TRL's evaluation).
+TRL_METRICS = {
+    "accuracy": "eval_rewards/accuracies",
+    "margin": "eval_rewards/margins",
+    "chosen_reward": "eval_rewards/chosen",
+    "rejected_reward": "eval_rewards/rejected",
+    "loss": "eval_loss",
+}
+
+
+def iav_metrics(trainer: IAVTrainer, alphas: Sequence[float]) -> list[dict[str, Any]]:
+    """
+    IAV's implicit-reward figures at each of `alphas` from `IAVTrainer.evaluate_alphas` (one backbone pass per batch
+    for every alpha, the reference `z_base` of the same pass), in `reward_metrics`' keys: `tie` when every pair
+    ties (alpha 0 is the base model), `win_rate` with ties as half, and `completion_kl`, the teacher-forced
+    KL(p_final || p_base) per completion token of the pairs.
+    """
+    return [
+        {
+            "alpha": row["alpha"],
+            **{name: row[name] for name in TRL_METRICS},
+            "tie": row["ties"] == 1.0,
+            "win_rate": row["win_rate"],
+            "completion_kl": row["kl"],
+        }
+        for row in trainer.evaluate_alphas(alphas)
+    ]
+
+
 def reward_metrics(metrics: dict[str, float]) -> dict[str, Any]:
     """
     The implicit-reward figures of `trainer.evaluate()`. TRL's accuracy counts a pair whose two rewards are equal as
     a loss; when every reward is exactly 0 (IAV at alpha 0 is the base model, so every pair ties) the row is marked
     `tie` and its `win_rate` (ties counted as half) is 0.5. Otherwise `win_rate` is the accuracy.
     """
-    row = {name: metrics[key] for name, key in EVAL_METRICS.items()}
+    row = {name: metrics[key] for name, key in TRL_METRICS.items()}
     row["tie"] = row["chosen_reward"] == 0.0 and row["rejected_reward"] == 0.0 and row["margin"] == 0.0
     row["win_rate"] = 0.5 if row["tie"] else row["accuracy"]
     return row
@@ -177,7 +205,10 @@ def train_run(
         trainer.train()
         seconds = time.perf_counter() - start
         train_peak = maxrss_mb()
-        validation_metrics = reward_metrics(trainer.evaluate())
+        if method == "iav":
+            validation_metrics = iav_metrics(trainer, [trainer.training_alpha])[0]
+        else:
+            validation_metrics = reward_metrics(trainer.evaluate())
         trainer.save_model(save_dir)
         steps = trainer.state.global_step
     del trainer
@@ -219,38 +250,19 @@ def heldout_metrics(
     config,
     alphas: Sequence[float] = (1.0,),
     base: PreTrainedModel | None = None,
-    features_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """
-    `trainer.evaluate(heldout)`'s implicit-reward accuracy and margin. For IAV, at each of `alphas`, as `iav-trl
-    eval` does it: the trainer applies the head at its training alpha times the adapter weight, so weight
-    `alpha / training alpha` evaluates at `alpha` (0: the base model, every reward exactly 0). One row per alpha,
-    with IAV's `completion_kl`: the mean over the pairs' completion tokens of KL(p_final || p_base), teacher-forced.
-    The frozen backbone runs once over the held-out pairs for all the alphas (`precompute_backbone_features`, whose
-    metrics equal those of the backbone pass, see `tests/test_features.py`), into `features_dir` when given (so that
-    later evaluations of the same pairs reuse it), else into a cache deleted afterwards.
-    DPO's rewards are measured against `base`, an untouched base model (its reference in training) that no other
-    code calls: `DPOTrainer` patches its reference model's `forward`.
+    The held-out implicit-reward figures: for IAV one row per alpha (`iav_metrics`: every alpha from one backbone
+    pass per batch); for the others one row, `trainer.evaluate(heldout)`'s (`reward_metrics`). DPO's rewards are
+    measured against `base`, an untouched base model (its reference in training) that no other code calls:
+    `DPOTrainer` patches its reference model's `forward`.
     """
     reference = base if method == "dpo_lora" else None
     with tempfile.TemporaryDirectory(prefix=f"real-data-eval-{method}-") as output_dir:
-        if method != "iav":
-            trainer = build_trainer(
-                method, model, tokenizer, heldout, heldout, config, output_dir, ref_model=reference
-            )
-            return [reward_metrics(trainer.evaluate())]
-        with feature_cache_in(features_dir or os.path.join(output_dir, "cache")):
-            trainer = build_trainer(
-                method, model, tokenizer, heldout, heldout, config, output_dir,
-                iav_settings={"precompute_backbone_features": True},
-            )  # fmt: skip
-        adapter, rows = model.active_adapter, []
-        for alpha in alphas:
-            model.set_adapter({adapter: alpha / trainer.training_alpha})
-            metrics = trainer.evaluate()
-            rows.append({"alpha": alpha, **reward_metrics(metrics), "completion_kl": metrics["eval_iav/kl"]})
-        model.set_adapter({adapter: 1.0})
-    return rows
+        trainer = build_trainer(method, model, tokenizer, heldout, heldout, config, output_dir, ref_model=reference)
+        if method == "iav":
+            return iav_metrics(trainer, alphas)
+        return [reward_metrics(trainer.evaluate())]
 
 
 @contextlib.contextmanager
@@ -350,24 +362,11 @@ def sample_kl(
         new = sequences[:, prompt_length:]
         mask = completion_mask(new, eos)
         logp, ref = scorer(sequences, torch.cat([inputs["attention_mask"], mask], dim=1), prompt_length)
-        mask = mask.float()
-        token_logratio = (logp - ref).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        logratios.append((token_logratio * mask).sum(-1))
-        stepwise.append(((logp.exp() * (logp - ref)).sum(-1) * mask).sum(-1))
-        lengths.append(mask.sum(-1))
-    logratio, steps, length = torch.cat(logratios).double(), torch.cat(stepwise).double(), torch.cat(lengths).double()
-    kl = (logratio.sum() / length.sum()).item()
-    n = len(length)
-    residual = logratio - kl * length  # the ratio estimator's linearisation
-    stderr = math.sqrt((residual**2).sum().item() / (n * (n - 1))) / length.mean().item() if n > 1 else 0.0
-    return {
-        "kl_per_token": kl,
-        "kl_per_token_stderr": stderr,
-        "stepwise_kl_per_token": (steps.sum() / length.sum()).item(),
-        "kl_per_response": logratio.mean().item(),
-        "response_tokens": length.mean().item(),
-        "responses": n,
-    }
+        log_ratio, steps = sequence_kl_terms(logp, ref, new, mask)
+        logratios.append(log_ratio)
+        stepwise.append(steps)
+        lengths.append(mask.float().sum(-1))
+    return kl_per_token(torch.cat(logratios), torch.cat(stepwise), torch.cat(lengths))
 
 
 @torch.no_grad()

@@ -7,10 +7,10 @@
 
 Every field of the command's dataclasses is a flag (`iav-trl <command> --help` lists them); a recipe
 (`--config`, flat TRL layout or the nested `model:` / `training:` / `inference:` layout, see `iav_trl.cli.recipe`)
-sets defaults, and flags override the recipe. Without a recipe, `train` uses the IAV seed recipe's settings:
-`argsearch/llama-7b-sft-float32` on `Anthropic/hh-rlhf`, 3 epochs, batch size 4, learning rate 5e-5, beta 0.1,
-lambda_kl 0.1, lambda_l2 0.01, 8 interventions of dimension 256. For several GPUs, launch with accelerate:
-`accelerate launch -m iav_trl train ...` (or `train.sh`).
+sets defaults, and flags override the recipe. The defaults are the dataclasses' own, the same as the Python API's
+(`IAVConfig`: learning rate 1e-3, 3 epochs, beta 0.1, lambda_kl 0.3, lambda_l2 0.01, 8 interventions of dimension
+256); `train` needs `--model_name_or_path` and `--dataset_name` (or a recipe that names them). For several GPUs,
+launch with accelerate: `accelerate launch -m iav_trl train ...` (or `train.sh`).
 """
 
 from __future__ import annotations

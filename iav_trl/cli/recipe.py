@@ -48,7 +48,6 @@ from trl import TrlParser
 from iav_trl.scripts.args import (
     CLI_ONLY_FIELDS,
     COMMAND_DATACLASSES,
-    COMMAND_DEFAULTS,
     EvalArguments,
     GenerateArguments,
     IAVModelConfig,
@@ -224,8 +223,8 @@ class RecipeParser(TrlParser):
         if "dataset_mixture" in flat:  # replaces the default dataset_name
             flat.setdefault("dataset_name", None)
         if "adapter" in dests and "adapter" not in flat:
-            model = flat.get("model_name_or_path", COMMAND_DEFAULTS["train"]["model_name_or_path"])
-            flat["adapter"] = flat.get("output_dir") or default_output_dir(model)
+            model = flat.get("model_name_or_path")
+            flat["adapter"] = flat.get("output_dir") or (default_output_dir(model) if model else None)
         settings = {key: value for key, value in flat.items() if key in dests}
         _check_types(self._actions, settings)
         return super().set_defaults_with_config(**settings)
@@ -240,9 +239,12 @@ class RecipeParser(TrlParser):
 
 def _check_types(actions: Sequence[Any], settings: Mapping[str, Any]) -> None:
     """
-    Refuse recipe values of the wrong type, which argparse would take as they are (it converts strings from the
-    command line only): a number where a list belongs (`alphas: 1`), a fraction for an integer (`batch_size: 2.5`),
-    text for a number. Every problem is reported at once.
+    Refuse recipe values of the wrong type, which argparse would take as they are: a number where a list belongs
+    (`alphas: 1`), a fraction for an integer (`batch_size: 2.5`), text that is no number. Every problem is reported
+    at once.
+
+    A number written as a string is converted in place, as argparse converts string defaults and TRL's own
+    `--config` accepts them: YAML 1.1 reads `learning_rate: 5e-5` (no dot in the mantissa) as the string `"5e-5"`.
     """
     problems = []
     for action in actions:
@@ -253,23 +255,32 @@ def _check_types(actions: Sequence[Any], settings: Mapping[str, Any]) -> None:
         if many and not isinstance(value, list):
             problems.append(f"{action.dest!r} must be a list (`{action.dest}: [{value}]`), got {value!r}")
             continue
-        for item in value if many else [value]:
-            wrong_int = action.type is int and (isinstance(item, bool) or not isinstance(item, int))
-            wrong_float = action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float)))
-            if wrong_int or wrong_float:
-                problems.append(f"{action.dest!r} must be {kind}{' in each entry' if many else ''}, got {value!r}")
-                break
+        items = [_number(item, action.type) for item in (value if many else [value])]
+        if any(item is None for item in items):
+            problems.append(f"{action.dest!r} must be {kind}{' in each entry' if many else ''}, got {value!r}")
+            continue
+        settings[action.dest] = items if many else items[0]
     if problems:
         raise RecipeError("Wrongly typed recipe values: " + "; ".join(problems) + ".")
 
 
+def _number(value: Any, kind: type) -> int | float | None:
+    """`value` as a number of `kind` (`int` or `float`), a string converted as argparse would; `None` if it is none."""
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        return None
+    return value
+
+
 def make_parser(command: str, prog: str | None = None) -> RecipeParser:
-    """The parser of `command` (`"train"`, `"generate"` or `"eval"`), with its defaults (`COMMAND_DEFAULTS`)."""
+    """The parser of `command` (`"train"`, `"generate"`, `"eval"` or `"serve"`): its dataclasses' own defaults."""
     if command not in COMMAND_DATACLASSES:
         raise ValueError(f"Unknown command {command!r}; choose from {sorted(COMMAND_DATACLASSES)}.")
-    parser = RecipeParser(COMMAND_DATACLASSES[command], prog=prog or f"iav-trl {command}")
-    parser.set_defaults(**COMMAND_DEFAULTS[command])
-    return parser
+    return RecipeParser(COMMAND_DATACLASSES[command], prog=prog or f"iav-trl {command}")
 
 
 def parse_command_args(command: str, args: Sequence[str] | None = None) -> tuple[Any, ...]:

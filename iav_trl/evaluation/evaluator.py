@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +64,7 @@ from iav_trl.evaluation.metrics import (
     spearman_correlation,
     win_rate,
 )
+from iav_trl.evaluation.timing import summarize_times, time_rounds
 from iav_trl.inference.genarm import GenARMLogitsProcessor, output_cache
 from iav_trl.inference.iav_inference import (
     Prompt,
@@ -604,36 +604,28 @@ class IAVEvaluator:
                 entry["memory_bytes"] = weights[method] + kv
             report[method] = entry
 
-        def timed(method: str) -> float:
-            if is_cuda:
-                torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
-            for inputs in batches:
-                run(method, inputs)
-            if is_cuda:
-                torch.cuda.synchronize(self.device)
-            return time.perf_counter() - start
-
-        for _ in range(cfg.efficiency_warmup):
-            for method in methods:
-                timed(method)
         rows = sum(inputs["input_ids"].shape[0] for inputs in batches)
         steps = len(batches) * cfg.max_new_tokens
-        seconds: dict[str, list[float]] = {method: [] for method in methods}
-        for r in self._progress(range(cfg.efficiency_rounds), "timing"):
-            for method in methods[r % 3 :] + methods[: r % 3]:  # rotate the order between rounds
-                seconds[method].append(timed(method))
+
+        def decode_all(method: str) -> Callable[[], None]:
+            return lambda: [run(method, inputs) for inputs in batches]
+
+        seconds = time_rounds(
+            {method: decode_all(method) for method in methods},
+            rounds=cfg.efficiency_rounds,
+            warmup=cfg.efficiency_warmup,
+            device=self.device,
+        )
+        summary = summarize_times(seconds, work=rows * cfg.max_new_tokens)
         for method in methods:
-            report[method]["tokens_per_second"] = statistics.median(
-                rows * cfg.max_new_tokens / s for s in seconds[method]
-            )
-            report[method]["latency_per_token_ms"] = statistics.median(1000 * s / steps for s in seconds[method])
+            report[method]["tokens_per_second"] = summary[method]["per_s"]
+            report[method]["latency_per_token_ms"] = 1000 * summary[method]["median_s"] / steps
         ratios = {}
         for a, b in (("iav", "base"), ("genarm", "base"), ("genarm", "iav")):
-            per_round = [sb / sa for sa, sb in zip(seconds[a], seconds[b])]  # speed ratio = inverse time ratio
+            speed = summary[a]["speed_vs"][b]  # median over rounds of t_b / t_a
             ratios[f"{a}/{b}"] = {
-                "tokens_per_second": statistics.median(per_round),
-                "latency_per_token": statistics.median(1 / x for x in per_round),
+                "tokens_per_second": speed,
+                "latency_per_token": 1 / speed,
                 "memory": report[a]["memory_bytes"] / report[b]["memory_bytes"],
             }
         result = {

@@ -13,6 +13,44 @@ import torch
 from iav_trl.tuners.iav.model import IAVModel
 
 
+def sequence_kl_terms(
+    logp: torch.Tensor, ref_logp: torch.Tensor, tokens: torch.LongTensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The two KL estimates of responses scored under a method and a reference, summed over each response's tokens.
+    `logp`, `ref_logp`: `(N, T, V)` log-probabilities of the method and the reference at the `T` response positions
+    (teacher-forced on the same inputs), `tokens`: `(N, T)` the response, `mask`: `(N, T)` 1 on its scored tokens.
+
+        log_ratio   = sum_t m_t [log p(y_t) - log p_ref(y_t)]                  (N,)  unbiased for samples of p
+        stepwise_kl = sum_t m_t KL(p(. | x, y_<t) || p_ref(. | x, y_<t))       (N,)  exact per step, lower variance
+    """
+    mask = mask.float()
+    log_ratio = (logp - ref_logp).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    stepwise = (logp.exp() * (logp - ref_logp)).sum(-1)
+    return (log_ratio * mask).sum(-1), (stepwise * mask).sum(-1)
+
+
+def kl_per_token(log_ratio: torch.Tensor, stepwise_kl: torch.Tensor, length: torch.Tensor) -> dict[str, float]:
+    """
+    KL per response token over `N` sampled responses (`sequence_kl_terms`' sums and each response's `length`):
+    `kl_per_token = sum log_ratio / sum length` (a ratio estimator) with its standard error from the
+    linearisation `log_ratio - kl * length`, `stepwise_kl_per_token` likewise, the mean per response and length.
+    """
+    log_ratio, stepwise_kl, length = log_ratio.double(), stepwise_kl.double(), length.double()
+    kl = (log_ratio.sum() / length.sum()).item()
+    n = len(length)
+    residual = log_ratio - kl * length
+    stderr = math.sqrt((residual**2).sum().item() / (n * (n - 1))) / length.mean().item() if n > 1 else 0.0
+    return {
+        "kl_per_token": kl,
+        "kl_per_token_stderr": stderr,
+        "stepwise_kl_per_token": (stepwise_kl.sum() / length.sum()).item(),
+        "kl_per_response": log_ratio.mean().item(),
+        "response_tokens": length.mean().item(),
+        "responses": n,
+    }
+
+
 @torch.no_grad()
 def score_sequence_kl(
     model: IAVModel,
@@ -44,15 +82,17 @@ def score_sequence_kl(
     # The kept positions are L - 1 ... L + T - 1; position L - 1 + t predicts response token t.
     targets = sequences[:, prompt_length:]
     mask = attention_mask[:, prompt_length:].float()
-    log_ratio, stepwise = [], []
-    for row in range(sequences.shape[0]):
-        logp_final = torch.log_softmax(out.logits[row, :-1].float() / temperature, dim=-1)  # (T, V)
-        logp_base = torch.log_softmax(out.base_logits[row, :-1].float() / temperature, dim=-1)
-        index = targets[row].unsqueeze(-1)
-        log_ratio.append((logp_final.gather(-1, index) - logp_base.gather(-1, index)).squeeze(-1))
-        stepwise.append((logp_final.exp() * (logp_final - logp_base)).sum(-1))
-    log_ratio, stepwise = torch.stack(log_ratio), torch.stack(stepwise)
-    return {"log_ratio": (log_ratio * mask).sum(-1), "stepwise_kl": (stepwise * mask).sum(-1), "length": mask.sum(-1)}
+    terms = [
+        sequence_kl_terms(
+            torch.log_softmax(out.logits[row : row + 1, :-1].float() / temperature, dim=-1),  # (1, T, V)
+            torch.log_softmax(out.base_logits[row : row + 1, :-1].float() / temperature, dim=-1),
+            targets[row : row + 1],
+            mask[row : row + 1],
+        )
+        for row in range(sequences.shape[0])
+    ]
+    log_ratio, stepwise = (torch.cat(parts) for parts in zip(*terms))
+    return {"log_ratio": log_ratio, "stepwise_kl": stepwise, "length": mask.sum(-1)}
 
 
 def win_rate(scores: Sequence[float], reference: Sequence[float]) -> float:

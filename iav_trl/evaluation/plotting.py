@@ -1,4 +1,4 @@
-"""PNG plots of `IAVEvaluator` results (matplotlib, installed with `pip install "iav-trl[eval]"`).
+"""PNG plots of `IAVEvaluator` results (matplotlib, installed with `pip install -e ".[eval]"`).
 
 `plot_results(results, out_dir)` takes the evaluator's `results` (or the JSON `save_results` wrote) and draws what
 it holds:
@@ -29,7 +29,7 @@ def _figure(figsize: tuple[float, float], dpi: int):
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            'Plotting needs matplotlib: `pip install "iav-trl[eval]"` (or `pip install matplotlib`).'
+            'Plotting needs matplotlib: `pip install -e ".[eval]"` (or `pip install matplotlib`).'
         ) from err
     figure = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(figure)

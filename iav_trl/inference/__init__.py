@@ -1,6 +1,6 @@
 """Decoding with the alignment knob: `IAVInference` (prompts in, completions at several alphas out), the GenARM
-baseline, and the OpenAI-compatible server (`iav_trl.inference.serving`, needs the `serving` extra). The package also
-re-exports the public names of iav-trl 0.1's `iav_trl.inference` module, which it replaced."""
+baseline, and the OpenAI-compatible server (`iav_trl.inference.serving`, needs the
+`serving` extra)."""
 
 from iav_trl.inference.genarm import GenARMLogitsProcessor, genarm_generate
 from iav_trl.inference.iav_inference import (

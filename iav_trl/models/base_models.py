@@ -150,7 +150,7 @@ def convert_gguf(name: str, path: str, cache_dir: str | None = None) -> str:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(
             f"{name!r} is a GGUF file, and transformers reads GGUF files with the `gguf` package, which is not "
-            f'installed: run `{GGUF_INSTALL}` (or `pip install "iav-trl[gguf]"`).'
+            f'installed: run `{GGUF_INSTALL}` (or `pip install -e ".[gguf]"`).'
         )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

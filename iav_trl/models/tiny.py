@@ -13,7 +13,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", 
 # A minimal chat template in the style of Zephyr/TRL tests: role markers, an end marker per turn.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message.get('tool_calls') %}{{ message['tool_calls'] | tojson }}{% endif %}"
+    "{{ (message['content'] or '') + '<|end|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )

@@ -23,26 +23,7 @@ from iav_trl.data import SCHEMAS
 from iav_trl.trainer.iav_config import IAVConfig
 from iav_trl.tuners.iav.alpha import ALPHA_GUIDE
 
-SEED_MODEL = "argsearch/llama-7b-sft-float32"
-SEED_DATASET = "Anthropic/hh-rlhf"
 DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
-
-# Defaults that differ from the dataclasses'. `train` takes the IAV seed recipe's (IAVConfig already has its learning
-# rate 5e-5, 3 epochs, beta 0.1, lambda_l2 0.01 and the 8 x 256 head; the seed's lambda_kl, 0.1, is set here, as
-# IAVConfig's default is 1.0, the real-model study's winner). Every command that builds an IAVConfig leaves bf16 off
-# until `--bf16` switches it on, as the seed's flag did; TRL's default (on) fails on a CPU.
-COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {
-        "model_name_or_path": SEED_MODEL,
-        "dataset_name": SEED_DATASET,
-        "per_device_train_batch_size": 4,
-        "lambda_kl": 0.1,
-        "bf16": False,
-    },
-    "generate": {},
-    "eval": {"bf16": False},
-    "serve": {},
-}
 
 
 @dataclass

@@ -3,20 +3,12 @@
 `generate` decodes every prompt at every alpha in one batched `generate` (one alpha per row, see
 `iav_trl.inference.iav_inference.IAVInference`), greedy unless `temperature > 0`.
 
-`eval` measures, on the held-out split, DPO's implicit reward of the aligned policy against the base model,
-
-    r(x, y) = beta * (log p_final(y | x) - log p_base(y | x)),    z_final = z_base + alpha * a_t,
-
-at each alpha: reward accuracy (the fraction of pairs with r(x, y_chosen) > r(x, y_rejected)) and mean margin
-(r(x, y_chosen) - r(x, y_rejected)). These are `IAVTrainer.evaluate`'s `eval_rewards/accuracies` and
-`eval_rewards/margins`, with the head applied at strength alpha; alpha 0 is the base model, so both are 0 there.
-For a fully fine-tuned backbone, `log p_base` is the original base model's, so alpha 0 measures the fine-tuning alone.
-
-TRL's accuracy counts a tie (margin exactly 0) as a loss, so the base model at alpha 0 scores 0.0. Next to it, from
-the per-pair rewards (one more pass over the split per alpha, with DPOTrainer's own per-pair log-probs):
-
-    ties     = mean_pairs [margin == 0]
-    win_rate = mean_pairs [margin > 0] + ties / 2        (0.5 at alpha 0: every pair is a tie)
+`eval` scores the held-out split at each alpha with `IAVTrainer.evaluate_alphas`: DPO's implicit reward of the aligned
+policy against the base model, `r(x, y) = beta * (log p_final(y | x) - log p_base(y | x))`, as reward accuracy (ties
+count as losses, as TRL's), mean margin, win rate (ties count half: 0.5 at alpha 0, where every pair is a tie) and
+the teacher-forced KL per completion token, every alpha from one backbone pass per batch (see
+`iav_trl.trainer.preference_eval`). For a fully fine-tuned backbone, `log p_base` is the original base model's, so
+alpha 0 measures the fine-tuning alone.
 """
 
 from __future__ import annotations
@@ -26,7 +18,6 @@ import os
 import tempfile
 from typing import Any
 
-import torch
 from transformers import set_seed
 from trl import ModelConfig
 
@@ -36,20 +27,11 @@ from iav_trl.scripts.models import load_adapter_for_inference
 from iav_trl.scripts.train import load_splits
 from iav_trl.trainer.iav_config import IAVConfig
 from iav_trl.trainer.iav_trainer import IAVTrainer
-from iav_trl.trainer.trl_workarounds import reference_of_policy_pass
 from iav_trl.utils.files import atomic_write_text
 
 EVAL_RESULTS_NAME = "eval_results.json"
-# Reported metric -> the `IAVTrainer.evaluate` metric it is.
-EVAL_METRICS = {
-    "accuracy": "eval_rewards/accuracies",
-    "margin": "eval_rewards/margins",
-    "chosen_reward": "eval_rewards/chosen",
-    "rejected_reward": "eval_rewards/rejected",
-    "loss": "eval_loss",
-}
-# Reported metrics computed from the per-pair rewards (`pair_margins`).
-PAIR_METRICS = ("ties", "win_rate")
+# The columns `eval` prints, from `IAVTrainer.evaluate_alphas`'s rows.
+EVAL_COLUMNS = ("alpha", "accuracy", "margin", "chosen_reward", "rejected_reward", "loss", "ties", "win_rate", "kl")
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -103,7 +85,7 @@ def serve(serve_args: ServeArguments, model_args: ModelConfig) -> None:
 
         from iav_trl.inference import serving
     except ImportError as err:
-        raise ImportError(f'`iav-trl serve` needs the serving extra: pip install "iav-trl[serving]" ({err}).') from err
+        raise ImportError(f'`iav-trl serve` needs the serving extra: pip install -e ".[serving]" ({err}).') from err
     loaded = load_adapter_for_inference(model_args, serve_args.adapter, serve_args.trust_remote_code)
     for name, adapter in serve_args.extra_adapters().items():
         loaded.model.load_adapter(adapter, adapter_name=name, strict=True)  # heads trained on this base only
@@ -122,37 +104,9 @@ def serve(serve_args: ServeArguments, model_args: ModelConfig) -> None:
 
 def format_eval_table(rows: list[dict[str, float]]) -> str:
     """A plain-text table, one row per alpha."""
-    header = ["alpha", *EVAL_METRICS, *PAIR_METRICS]
-    lines = ["  ".join(f"{name:>15}" for name in header)]
-    lines += ["  ".join(f"{row[name]:>15.4f}" for name in header) for row in rows]
+    lines = ["  ".join(f"{name:>15}" for name in EVAL_COLUMNS)]
+    lines += ["  ".join(f"{row[name]:>15.4f}" for name in EVAL_COLUMNS) for row in rows]
     return "\n".join(lines)
-
-
-def pair_margins(trainer: IAVTrainer) -> torch.Tensor:
-    """
-    `r(x, y_chosen) - r(x, y_rejected)` of every pair of the eval split, `(num_pairs,)`, at the model's current
-    alpha, with DPOTrainer's own per-pair log-probs (`compute_ref_log_probs`: completion tokens only, its `ld_alpha`
-    weighting) for the policy and for the reference, the one `evaluate` uses: the base model's `z_base` from the
-    same pass, or `trainer.ref_model`.
-    """
-    model, margins, outputs = trainer.model, [], []
-    model.eval()
-
-    def policy(**kwargs):
-        outputs[:] = [model(**kwargs, alpha=trainer.training_alpha)]  # the last pass only
-        return outputs[0]
-
-    for batch in trainer.get_eval_dataloader():
-        inputs = trainer._prepare_inputs(batch)
-        chosen, rejected = trainer.compute_ref_log_probs(policy, inputs)
-        if trainer.ref_model is None:  # the reference of the same pass, as IAVTrainer.compute_loss takes it
-            reference = reference_of_policy_pass(outputs)
-        else:
-            reference = trainer.ref_model
-        ref_chosen, ref_rejected = trainer.compute_ref_log_probs(reference, inputs)
-        margin = trainer.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
-        margins.append(trainer.accelerator.gather_for_metrics(margin).float().cpu())
-    return torch.cat(margins) if margins else torch.zeros(0)
 
 
 def evaluate(
@@ -162,7 +116,6 @@ def evaluate(
     loaded = load_adapter_for_inference(model_args, eval_args.adapter, training_args.trust_remote_code)
     test = load_splits(script_args, ["test"])["test"]
     model = loaded.model
-    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         # The trainer only evaluates: it saves, pushes and reports nothing, and leaves the recipe's output_dir alone.
         training_args.output_dir, training_args.push_to_hub, training_args.report_to = scratch, False, []
@@ -174,30 +127,15 @@ def evaluate(
             eval_dataset=test,
             processing_class=loaded.tokenizer,
         )
-        adapter_name = model.active_adapter
-        for alpha in eval_args.alphas:
-            # The trainer applies the head at its `alpha` times the adapter weight: weight alpha / args.alpha is alpha.
-            model.set_adapter({adapter_name: alpha / training_args.alpha})
-            metrics = trainer.evaluate()
-            margins = pair_margins(trainer)
-            ties = (margins == 0).float().mean().item()
-            win_rate = (margins > 0).float().mean().item() + ties / 2
-            rows.append(
-                {
-                    "alpha": float(alpha),
-                    **{name: metrics[key] for name, key in EVAL_METRICS.items()},
-                    "ties": ties,
-                    "win_rate": win_rate,
-                }
-            )
+        rows = trainer.evaluate_alphas(eval_args.alphas)
     results = {
         "adapter": eval_args.adapter,
         "base_model": loaded.base_model_name_or_path,
         "dataset": script_args.dataset_name or script_args.dataset_mixture,
         "split": script_args.dataset_test_split,
-        "num_pairs": len(trainer.eval_dataset),  # after DPOTrainer drops prompts that fill max_length
+        "num_pairs": rows[0]["num_pairs"],  # after DPOTrainer drops prompts that fill max_length
         "beta": training_args.beta,
-        "results": rows,
+        "results": [{name: row[name] for name in EVAL_COLUMNS} for row in rows],
     }
     if trainer.is_world_process_zero():
         print(

@@ -36,7 +36,7 @@ from iav_trl.utils.hub import resolve_adapter_file
 TINY_SCHEME = "tiny:"
 TINY_BASE_DIR = "tiny_base"
 TINY_MANIFEST = "iav_tiny_source.json"  # in tiny_base/: what it was built from, checked when it is reused
-QUANTIZATION_INSTALL = 'pip install "iav-trl[quantization]"'
+QUANTIZATION_INSTALL = 'pip install -e ".[quantization]"'
 
 
 def is_tiny(model_name_or_path: str | None) -> bool:

@@ -63,6 +63,11 @@ def load_splits(script_args: IAVScriptArguments, splits: Sequence[str]) -> dict[
 
 def train(script_args: IAVScriptArguments, training_args: IAVConfig, model_args: ModelConfig) -> IAVTrainer:
     """Train an alignment head as the arguments say and save it (and push it) to `training_args.output_dir`."""
+    if model_args.model_name_or_path is None:
+        raise ValueError(
+            "No base model: pass --model_name_or_path (a Hub id, a local folder, a GGUF file or `tiny:llama`), or "
+            "--config with a recipe from recipes/."
+        )
     quantization = quantization_config(model_args)  # fails early without bitsandbytes
     needs_test = training_args.eval_strategy != "no"
     datasets = load_splits(script_args, ["train", "test"] if needs_test else ["train"])

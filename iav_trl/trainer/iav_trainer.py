@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -42,6 +43,7 @@ from iav_trl.trainer.input_checks import (
     named_datasets,
 )
 from iav_trl.trainer.kl_control import AdaptiveKLController
+from iav_trl.trainer.preference_eval import evaluate_alphas
 from iav_trl.trainer.trl_workarounds import (
     reference_from_policy_pass,
     reference_model_load_skipped,
@@ -369,6 +371,16 @@ class IAVTrainer(DPOTrainer):
             prefix = f"{metric_key_prefix}_{next(iter(datasets))}" if isinstance(datasets, dict) else metric_key_prefix
             self.choose_best_head(metrics, prefix)
         return metrics
+
+    def evaluate_alphas(self, alphas: Sequence[float], eval_dataset=None) -> list[dict[str, float]]:
+        """
+        Held-out preference scores of the aligned model at each of `alphas`, from one backbone pass per batch: DPO's
+        implicit reward `beta * (log p_alpha - log p_ref)` of every pair, and per alpha its `accuracy`, `margin`,
+        `chosen_reward`, `rejected_reward`, `loss`, `ties`, `win_rate` and teacher-forced `kl` per completion token
+        (`iav_trl.trainer.preference_eval`). `eval_dataset` as `evaluate` takes it (`None`: the trainer's own).
+        What `iav-trl eval` prints.
+        """
+        return evaluate_alphas(self, alphas, eval_dataset)
 
     def choose_best_head(self, metrics: dict[str, float], prefix: str = "eval") -> str:
         """

@@ -42,7 +42,11 @@ def check_preference_datasets(named: Mapping[str, Any]) -> None:
             raise ValueError(f"`{name}` has no rows. Check its split, and any filtering done before the trainer.")
 
 
-_EXPECTED = {TEXT: "a string", MESSAGES: "a list of {'role': str, 'content': str} messages"}
+_EXPECTED = {
+    TEXT: "a string",
+    MESSAGES: "a list of chat messages ({'role': str, 'content': str or content parts}, or an assistant message "
+    "with `tool_calls`)",
+}
 _LOADER_FIX = (
     "`iav_trl.load_preference_dataset(dataset)`, which reads TRL preference rows (and hh-rlhf and UltraFeedback "
     "ones) and drops the malformed ones with a count per reason"
@@ -88,7 +92,7 @@ def check_preference_rows(named: Mapping[str, Any]) -> None:
                 raise ValueError(
                     f"`{name}` column `{column}` holds {dataset.features[column]} values (row 0: {first!r:.80}), but "
                     f"each `{column}` must be {wanted}: `prompt`, `chosen` and `rejected` are all strings (standard) "
-                    "or all lists of {'role', 'content'} messages (conversational). Convert the column with "
+                    "or all lists of chat messages (conversational). Convert the column with "
                     f"`dataset.map(...)`, or use {_LOADER_FIX}."
                 )
         explicit_prompt = "prompt" in kinds

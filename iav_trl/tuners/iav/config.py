@@ -19,7 +19,6 @@ from iav_trl.utils.hub import resolve_adapter_file
 
 CONFIG_NAME = "alignment_head_config.json"
 WEIGHTS_DIGEST_KEY = "weights_sha256"  # in the JSON, next to the config fields
-RETIRED_FIELDS = ("revision",)  # written by iav-trl 0.1 (always null: nothing filled or read it); dropped on read
 
 
 # The fields that shape the head, as `IAVConfig` names them (it holds trainer settings too, hence `head_dropout`) ->
@@ -46,8 +45,9 @@ class AlignmentHeadConfig:
             the head has `2*d*r + K*(r+1)**2` parameters for hidden size `d` (2.6M for a 7B Llama,
             0.04% of it). Lower it for very small models.
         dropout (`float`, defaults to `0.0`):
-            Dropout on the subspace projection during training. Raise it (0.05-0.1) when the preference data is
-            small and the head overfits.
+            Dropout on the subspace projection during training. Leave it at 0: on SmolLM2-135M-Instruct and
+            HH-RLHF, dropout 0.3 lowered validation accuracy from 0.592 to 0.561 at alpha 1 (`research/`, the fit
+            study); the KL term already keeps the head close to the base model.
         default_alpha (`float`, defaults to `1.0`):
             Strength used when `forward`/`generate` get `alpha=None`. 1.0 is what training targets; ship another
             value if you want users to get a lighter or stronger default.
@@ -140,7 +140,6 @@ class AlignmentHeadConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AlignmentHeadConfig:
-        data = {key: value for key, value in data.items() if key not in RETIRED_FIELDS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
