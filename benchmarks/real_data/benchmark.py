@@ -19,10 +19,11 @@ split, first 1500 rows) and UltraFeedback binarized (1000 rows of train_prefs), 
    (the same LoRA, GenARM's reference-free loss). Each method trains once per learning rate of its grid, each run in
    its own spawned process, and keeps the run with the highest implicit-reward accuracy on the validation split
    (ties: the lower validation loss, the method's own objective). The held-out split is used only in steps 3-6.
-3. Held-out implicit-reward accuracy and mean margin, `eval_rewards/accuracies` and `eval_rewards/margins` of
-   `trainer.evaluate(heldout)`: IAV at each of `iav_alphas` (set as `iav-trl eval` sets it), DPO + LoRA, and GenARM's
-   reward model (`beta * log pi_r(y | x)`, no reference). IAV at alpha 0 is the base model: every pair ties (margin
-   exactly 0), which is reported as a tie (win rate 0.5), not as 0% accuracy.
+3. Held-out implicit-reward accuracy and mean margin: IAV at each of `iav_alphas` from `IAVTrainer.evaluate_alphas`
+   (every alpha from one backbone pass, as `iav-trl eval` scores it), DPO + LoRA and GenARM's reward model
+   (`beta * log pi_r(y | x)`, no reference) from `trainer.evaluate(heldout)`'s `eval_rewards/accuracies` and
+   `eval_rewards/margins`. IAV at alpha 0 is the base model: every pair ties (margin exactly 0), which is reported as
+   a tie (win rate 0.5), not as 0% accuracy.
 4. KL to the base model per completion token (`benchmarks.real_data.methods.sample_kl`): responses sampled at
    temperature 1 from each method on held-out prompts, scored teacher-forced under the method's exact decoding
    distribution and under the base model. For the HH-RLHF-trained IAV (alpha 1) and DPO + LoRA, also on

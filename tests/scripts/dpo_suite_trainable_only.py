@@ -6,7 +6,7 @@ backbone by design, so this copy snapshots only the parameters with `requires_gr
 stock `DPOTrainer` with full fine-tuning every parameter is trainable and the tests are unchanged.
 
     python tests/scripts/dpo_suite_trainable_only.py TRL_GIT_DIR REV OUT_DIR
-    ../shared/tools/trl-dpo-suite/run_dpo_suite.sh --tests-from OUT_DIR \
+    $DPO_SUITE/run_dpo_suite.sh --tests-from OUT_DIR \
         --trainer iav_trl.trainer.iav_trainer:IAVTrainer ...
 """
 
