@@ -15,7 +15,13 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from iav_trl import AlignmentHeadConfig, EvaluationConfig, IAVEvaluator, IAVInference, get_iav_model
 from iav_trl.evaluation.evaluator import DEFAULT_RESULTS_FILE
-from iav_trl.evaluation.metrics import score_sequence_kl, spearman_correlation, win_rate
+from iav_trl.evaluation.metrics import (
+    kl_per_token,
+    score_sequence_kl,
+    sequence_kl_terms,
+    spearman_correlation,
+    win_rate,
+)
 from iav_trl.models.tiny import tiny_causal_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -452,3 +458,31 @@ def test_evaluate_example_runs_as_written_against_a_tiny_model(tmp_path):
     with open(tmp_path / "alpaca_eval" / "model_outputs.json") as fh:
         assert len(json.load(fh)) == 4
     assert "genarm/base" in result.stdout + result.stderr
+
+
+def test_kl_per_token_is_the_ratio_estimator_with_its_linearised_standard_error():
+    log_ratio, stepwise, length = (
+        torch.tensor([1.0, 3.0, 2.0]),
+        torch.tensor([0.5, 1.5, 1.0]),
+        torch.tensor([2.0, 4.0, 2.0]),
+    )
+    figures = kl_per_token(log_ratio, stepwise, length)
+    kl = 6.0 / 8.0
+    residual = [1.0 - kl * 2, 3.0 - kl * 4, 2.0 - kl * 2]
+    stderr = math.sqrt(sum(r * r for r in residual) / (3 * 2)) / (8.0 / 3)
+    assert figures["kl_per_token"] == pytest.approx(kl) and figures["kl_per_token_stderr"] == pytest.approx(stderr)
+    assert figures["stepwise_kl_per_token"] == pytest.approx(3.0 / 8.0) and figures["kl_per_response"] == 2.0
+    assert (figures["response_tokens"], figures["responses"]) == (pytest.approx(8.0 / 3), 3)
+
+
+def test_sequence_kl_terms_sum_the_log_ratio_and_the_stepwise_kl_over_the_masked_tokens():
+    torch.manual_seed(0)
+    logp, ref = torch.randn(2, 3, 5).log_softmax(-1), torch.randn(2, 3, 5).log_softmax(-1)
+    tokens, mask = torch.randint(0, 5, (2, 3)), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    log_ratio, stepwise = sequence_kl_terms(logp, ref, tokens, mask)
+    for row in range(2):
+        positions = [t for t in range(3) if mask[row, t]]
+        expected_ratio = sum(logp[row, t, tokens[row, t]] - ref[row, t, tokens[row, t]] for t in positions)
+        expected_kl = sum((logp[row, t].exp() * (logp[row, t] - ref[row, t])).sum() for t in positions)
+        assert log_ratio[row] == pytest.approx(float(expected_ratio), abs=1e-6)
+        assert stepwise[row] == pytest.approx(float(expected_kl), abs=1e-6)
