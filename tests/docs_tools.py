@@ -95,7 +95,8 @@ def config_reference(class_name: str) -> str:
         else:
             default = "required"
         help_text = field.metadata.get("help", "").replace("|", "\\|")
-        type_name = _type_name(field.type).replace("|", "\\|")
+        # The annotation as written (argparse-based parsers rewrite `field.type` in place when they build a parser).
+        type_name = _type_name(own[field.name]).replace("|", "\\|")
         lines.append(f"| `{field.name}` | `{type_name}` | `{default}` | {help_text} |")
     return "\n".join(lines) + "\n"
 

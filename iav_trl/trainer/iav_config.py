@@ -107,7 +107,8 @@ class IAVConfig(DPOConfig):
       real-data benchmark chose on its validation split on SmolLM2-135M-Instruct (grid 1e-3 / 3e-3 / 1e-2), and
       every real-model run since chose it too. The IAV seed recipe's 5e-5 barely moves a head in a few hundred steps.
     - `num_train_epochs`: `3`.
-    - `gradient_checkpointing`: `False` instead of `True` (a frozen backbone keeps no activations to recompute).
+    - `gradient_checkpointing` (`activation_checkpointing`, as transformers now names it): off instead of on (a frozen
+      backbone keeps no activations to recompute).
     - `dataloader_pin_memory`: on where a CUDA device is (pinned memory speeds host-to-device copies), off
       otherwise, instead of always on (PyTorch warns about it on a CPU).
     - `bf16`: on where the accelerator supports bfloat16 (a CUDA device with compute capability 8.0 or more, or an
@@ -116,10 +117,11 @@ class IAVConfig(DPOConfig):
 
     learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate for AdamW."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Total number of training epochs to perform."})
-    gradient_checkpointing: bool = field(
-        default=False,
+    gradient_checkpointing: bool | None = field(
+        default=None,
         metadata={
-            "help": "Recompute backbone activations in the backward pass (only useful with a trained backbone)."
+            "help": "Recompute backbone activations in the backward pass (only useful with a trained backbone); "
+            "transformers' deprecated name of activation_checkpointing. Default: off."
         },
     )
 
@@ -168,6 +170,9 @@ class IAVConfig(DPOConfig):
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
             self.bf16 = bf16_supported()
+        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            # Off, under transformers' current name: setting the deprecated one (as DPOConfig does) warns.
+            self.activation_checkpointing = False
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = torch.cuda.is_available()
         for name in ("lambda_kl", "lambda_l2", "beta", "readout_memory_gb"):
