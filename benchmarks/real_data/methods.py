@@ -40,6 +40,7 @@ from iav_trl import IAVConfig, IAVModel, IAVTrainer
 from iav_trl.evaluation.metrics import kl_per_token, sequence_kl_terms
 from iav_trl.inference.iav_inference import completion_mask, decode_completions, encode_prompts
 from iav_trl.models.base_models import load_base_model, load_base_tokenizer
+from iav_trl.trainer.preference_eval import preference_scores
 
 METHODS = {"iav": "IAV", "dpo_lora": "DPO + LoRA", "genarm": "GenARM"}
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -132,12 +133,12 @@ TRL_METRICS = {
 }
 
 
-def iav_metrics(trainer: IAVTrainer, alphas: Sequence[float]) -> list[dict[str, Any]]:
+def iav_metrics(trainer: IAVTrainer, alphas: Sequence[float], per_pair: bool = False) -> list[dict[str, Any]]:
     """
     IAV's implicit-reward figures at each of `alphas` from `IAVTrainer.evaluate_alphas` (one backbone pass per batch
     for every alpha, the reference `z_base` of the same pass), in `reward_metrics`' keys: `tie` when every pair
     ties (alpha 0 is the base model), `win_rate` with ties as half, and `completion_kl`, the teacher-forced
-    KL(p_final || p_base) per completion token of the pairs.
+    KL(p_final || p_base) per completion token of the pairs; with `per_pair`, every pair's `margins`.
     """
     return [
         {
@@ -146,9 +147,41 @@ def iav_metrics(trainer: IAVTrainer, alphas: Sequence[float]) -> list[dict[str, 
             "tie": row["ties"] == 1.0,
             "win_rate": row["win_rate"],
             "completion_kl": row["kl"],
+            **({"margins": row["margins"]} if per_pair else {}),
         }
-        for row in trainer.evaluate_alphas(alphas)
+        for row in trainer.evaluate_alphas(alphas, per_pair=per_pair)
     ]
+
+
+def pair_metrics(method: str, trainer: DPOTrainer) -> dict[str, Any]:
+    """
+    DPO + LoRA's or GenARM's implicit-reward figures (`reward_metrics`' keys) and every pair's `margins`, in the
+    evaluation dataset's order, from `DPOTrainer.compute_ref_log_probs` (TRL's sequence log-probs of a batch under
+    a model):
+
+        DPO + LoRA:  r(x, y) = beta * (log pi(y | x) - log pi_ref(y | x))   (`trainer.ref_model`, the base)
+        GenARM:      r(x, y) = beta * log pi_r(y | x)                       (reference-free)
+
+    The same figures as `trainer.evaluate()` gives (its means of batch means, where every batch is full), pair by
+    pair, so that a paired comparison with IAV on the same pairs can be made.
+    """
+    if method == "dpo_lora" and trainer.ref_model is None:
+        raise ValueError("DPO + LoRA's per-pair rewards need the trainer's `ref_model`, the untouched base model.")
+    rewards: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
+    trainer.model.eval()
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+            if method == "dpo_lora":
+                ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+                chosen, rejected = chosen - ref_chosen, rejected - ref_rejected
+            rewards["chosen"].append(trainer.beta * chosen.float().cpu())
+            rewards["rejected"].append(trainer.beta * rejected.float().cpu())
+    scores = preference_scores(torch.cat(rewards["chosen"]), torch.cat(rewards["rejected"]), per_pair=True)
+    row = {name: scores[name] for name in TRL_METRICS}
+    row["tie"] = scores["ties"] == 1.0
+    row["win_rate"] = scores["win_rate"]
+    return row | {"margins": scores["margins"]}
 
 
 def reward_metrics(metrics: dict[str, float]) -> dict[str, Any]:
@@ -252,17 +285,17 @@ def heldout_metrics(
     base: PreTrainedModel | None = None,
 ) -> list[dict[str, Any]]:
     """
-    The held-out implicit-reward figures: for IAV one row per alpha (`iav_metrics`: every alpha from one backbone
-    pass per batch); for the others one row, `trainer.evaluate(heldout)`'s (`reward_metrics`). DPO's rewards are
-    measured against `base`, an untouched base model (its reference in training) that no other code calls:
-    `DPOTrainer` patches its reference model's `forward`.
+    The held-out implicit-reward figures, each row with every pair's `margins` (in `heldout`'s order): for IAV one
+    row per alpha (`iav_metrics`: every alpha from one backbone pass per batch); for the others one row
+    (`pair_metrics`). DPO's rewards are measured against `base`, an untouched base model (its reference in
+    training) that no other code calls: `DPOTrainer` patches its reference model's `forward`.
     """
     reference = base if method == "dpo_lora" else None
     with tempfile.TemporaryDirectory(prefix=f"real-data-eval-{method}-") as output_dir:
         trainer = build_trainer(method, model, tokenizer, heldout, heldout, config, output_dir, ref_model=reference)
         if method == "iav":
-            return iav_metrics(trainer, alphas)
-        return [reward_metrics(trainer.evaluate())]
+            return iav_metrics(trainer, alphas, per_pair=True)
+        return [pair_metrics(method, trainer)]
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -372,15 +373,18 @@ class IAVTrainer(DPOTrainer):
             self.choose_best_head(metrics, prefix)
         return metrics
 
-    def evaluate_alphas(self, alphas: Sequence[float], eval_dataset=None) -> list[dict[str, float]]:
+    def evaluate_alphas(
+        self, alphas: Sequence[float], eval_dataset=None, per_pair: bool = False
+    ) -> list[dict[str, Any]]:
         """
         Held-out preference scores of the aligned model at each of `alphas`, from one backbone pass per batch: DPO's
         implicit reward `beta * (log p_alpha - log p_ref)` of every pair, and per alpha its `accuracy`, `margin`,
         `chosen_reward`, `rejected_reward`, `loss`, `ties`, `win_rate` and teacher-forced `kl` per completion token
         (`iav_trl.trainer.preference_eval`). `eval_dataset` as `evaluate` takes it (`None`: the trainer's own).
-        What `iav-trl eval` prints.
+        `per_pair=True` adds `margins`, every pair's reward margin in the dataset's order (for a paired comparison
+        with another method on the same pairs). What `iav-trl eval` prints.
         """
-        return evaluate_alphas(self, alphas, eval_dataset)
+        return evaluate_alphas(self, alphas, eval_dataset, per_pair)
 
     def choose_best_head(self, metrics: dict[str, float], prefix: str = "eval") -> str:
         """

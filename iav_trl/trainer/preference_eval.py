@@ -17,6 +17,8 @@ alpha 0), or the trainer's `ref_model` (a fully fine-tuned backbone). Per alpha,
     kl       = sum_t KL(p_alpha || p_base) / tokens   (per completion token, teacher-forced)
 
 Means run over pairs, where TRL's `evaluate` averages batch means: the two agree when every batch is full.
+`preference_scores` turns any method's per-pair rewards into these figures (the benchmarks score DPO + LoRA with
+it), and `per_pair=True` adds each pair's margin, in the order of the evaluation dataset, for paired comparisons.
 
 With a frozen backbone the backbone runs once per batch (or not at all, from `precompute_backbone_features`'s cache)
 and each alpha costs only the readout; a trained backbone (LoRA, full fine-tuning) runs once per batch and alpha.
@@ -46,9 +48,32 @@ def _per_token(log_probs: torch.Tensor):
     return lambda **kwargs: SimpleNamespace(log_probs=log_probs)
 
 
-def evaluate_alphas(trainer: IAVTrainer, alphas: Sequence[float], eval_dataset: Any = None) -> list[dict[str, float]]:
+def preference_scores(chosen: torch.Tensor, rejected: torch.Tensor, per_pair: bool = False) -> dict[str, Any]:
+    """The figures of the module docstring (but `kl`) from per-pair implicit rewards `r(x, y_w)` and `r(x, y_l)`;
+    with `per_pair`, also `margins`, the list of `r(x, y_w) - r(x, y_l)`."""
+    chosen, rejected = chosen.float(), rejected.float()
+    margins = chosen - rejected
+    ties = (margins == 0).float().mean().item()
+    wins = (margins > 0).float().mean().item()
+    scores = {
+        "accuracy": wins,
+        "margin": margins.mean().item(),
+        "chosen_reward": chosen.mean().item(),
+        "rejected_reward": rejected.mean().item(),
+        "loss": -F.logsigmoid(margins).mean().item(),
+        "ties": ties,
+        "win_rate": wins + ties / 2,
+        "num_pairs": int(margins.numel()),
+    }
+    return scores | ({"margins": margins.tolist()} if per_pair else {})
+
+
+def evaluate_alphas(
+    trainer: IAVTrainer, alphas: Sequence[float], eval_dataset: Any = None, per_pair: bool = False
+) -> list[dict[str, Any]]:
     """The scores of the module docstring, one row per alpha (in the order given), each with its `alpha` and
-    `num_pairs`. `eval_dataset` is what `trainer.get_eval_dataloader` takes (`None`: the trainer's own)."""
+    `num_pairs` (and, with `per_pair`, `margins`: one per pair, in the dataset's order). `eval_dataset` is what
+    `trainer.get_eval_dataloader` takes (`None`: the trainer's own)."""
     alphas = [float(alpha) for alpha in alphas]
     if not alphas or len(set(alphas)) != len(alphas):
         raise ValueError(f"`alphas` must be distinct numbers, e.g. [0.0, 0.5, 1.0, 1.5, 2.0]; got {alphas}.")
@@ -91,24 +116,11 @@ def evaluate_alphas(trainer: IAVTrainer, alphas: Sequence[float], eval_dataset: 
     finally:
         model.train(was_training)
     num_tokens = float(torch.cat(tokens).sum().clamp(min=1)) if tokens else 1.0
-    rows = []
-    for alpha in alphas:
-        chosen, rejected = (torch.cat(scores[alpha][key]) for key in ("chosen", "rejected"))
-        margins = chosen - rejected
-        ties = (margins == 0).float().mean().item()
-        wins = (margins > 0).float().mean().item()
-        rows.append(
-            {
-                "alpha": alpha,
-                "accuracy": wins,
-                "margin": margins.mean().item(),
-                "chosen_reward": chosen.mean().item(),
-                "rejected_reward": rejected.mean().item(),
-                "loss": -F.logsigmoid(margins).mean().item(),
-                "ties": ties,
-                "win_rate": wins + ties / 2,
-                "kl": torch.cat(scores[alpha]["kl"]).sum().item() / num_tokens,
-                "num_pairs": int(margins.numel()),
-            }
-        )
-    return rows
+    return [
+        {
+            "alpha": alpha,
+            **preference_scores(*(torch.cat(scores[alpha][key]) for key in ("chosen", "rejected")), per_pair),
+            "kl": torch.cat(scores[alpha]["kl"]).sum().item() / num_tokens,
+        }
+        for alpha in alphas
+    ]
