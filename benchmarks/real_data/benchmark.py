@@ -67,6 +67,7 @@ Writes `real_data_benchmark.json` (every figure, the settings, each run's learni
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -75,7 +76,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,7 @@ import torch
 import transformers
 from datasets import Dataset, concatenate_datasets
 from transformers import HfArgumentParser
+from trl import DPOConfig
 
 from benchmarks import RESULTS_DIR, ROOT
 from benchmarks.alignment.benchmark import Clock, genarm_decoder, iav_decoder
@@ -102,7 +104,7 @@ from benchmarks.real_data.methods import (
     train_run,
 )
 from benchmarks.train_step import release_memory
-from iav_trl import load_preference_dataset
+from iav_trl import IAVConfig, load_preference_dataset
 from iav_trl.inference.iav_inference import encode_prompts
 from iav_trl.models.base_models import load_base_tokenizer
 
@@ -243,7 +245,8 @@ class RealDataConfig:
         return getattr(self, LEARNING_RATES[method])
 
     def run_key(self, method: str, learning_rate: float, splits: dict[str, Dataset]) -> str:
-        """What a training run's figures depend on: its settings and its training and validation pairs, hashed."""
+        """What a training run's figures depend on, hashed: its settings, its training and validation pairs, the
+        library versions and, for IAV, `IAVConfig`'s own defaults (the head and the loss it trains with)."""
         settings = {
             name: getattr(self, name)
             for name in (
@@ -252,7 +255,19 @@ class RealDataConfig:
             )
         }  # fmt: skip
         pairs = {name: [json.dumps(row, sort_keys=True) for row in splits[name]] for name in ("train", "validation")}
-        text = json.dumps({"method": method, "learning_rate": learning_rate, **settings, "pairs": pairs})
+        versions = {
+            name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "peft", "iav-trl")
+        }
+        dpo_fields = {item.name for item in fields(DPOConfig)}
+        iav_defaults = {
+            item.name: item.default_factory() if item.default is MISSING else item.default
+            for item in fields(IAVConfig)
+            if method == "iav" and item.name not in dpo_fields
+        }
+        text = json.dumps(
+            {"method": method, "learning_rate": learning_rate, **settings, "versions": versions,
+             "iav_defaults": iav_defaults, "pairs": pairs},
+        )  # fmt: skip
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def datasets(self) -> list[str]:
@@ -354,7 +369,7 @@ def train_grid(
             clock(f"{name}: finished earlier, read from {save_dir}")
         else:
             progress(clock, f"train {name}")
-            runs.append({**train(config, method, learning_rate, splits["train"], splits["validation"], save_dir)})
+            runs.append(train(config, method, learning_rate, splits["train"], splits["validation"], save_dir))
             with open(record + ".tmp", "w") as fh:
                 json.dump(runs[-1], fh, indent=2)
             os.replace(record + ".tmp", record)  # only a finished run has a run.json
