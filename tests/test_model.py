@@ -547,3 +547,26 @@ def test_alpha_beyond_the_documented_bound_is_refused_naming_the_bound(alpha, in
     model.set_adapter({"default": ALPHA_LIMIT})  # alpha times the mixing weight is bounded too
     with pytest.raises(ValueError, match=rf"adapter 'default' \(alpha times its mixing weight\).*<= {ALPHA_LIMIT:g}"):
         model(input_ids, alpha=2.0)
+
+
+def test_trl_s_checkpointing_probe_reads_the_backbone_without_a_deprecation_warning(base_model):
+    """DPOTrainer's `disable_gradient_checkpointing` reads `model.is_gradient_checkpointing` at every evaluation
+    step; on an IAVModel that is the backbone's `is_activation_checkpointing`, with no FutureWarning from
+    transformers' deprecated alias when checkpointing is off (IAVConfig's default)."""
+    import warnings
+
+    from trl.models.utils import disable_gradient_checkpointing
+
+    model = get_iav_model(base_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.is_gradient_checkpointing is False
+        with disable_gradient_checkpointing(model):
+            assert base_model.is_activation_checkpointing is False
+    base_model.activation_checkpointing_enable()
+    assert model.is_gradient_checkpointing is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TRL then calls transformers' deprecated toggles itself
+        with disable_gradient_checkpointing(model):
+            assert base_model.is_activation_checkpointing is False
+    assert base_model.is_activation_checkpointing is True

@@ -235,6 +235,12 @@ class IAVModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the backbone recomputes activations: transformers' `is_activation_checkpointing`, under the name
+        TRL's DPOTrainer still reads (the base model's own alias of it warns that it is deprecated)."""
+        return self.get_base_model().is_activation_checkpointing
+
     def get_base_model(self) -> PreTrainedModel:
         """The transformers model underneath (without PEFT wrappers); calling it gives exactly the base model."""
         return _unwrap_peft(self.base_model)
