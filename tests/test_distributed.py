@@ -175,6 +175,23 @@ def test_ddp_trains_from_cached_backbone_features_as_from_the_backbone(model_dir
         assert cached[1][name].equal(cached[0][name])
 
 
+def test_the_cli_under_ddp_cpu_trains_one_distributed_run(launch_env, tmp_path):
+    """`iav-trl train` with no `use_cpu` flag, as docs/distributing_training.md launches it: the two processes form
+    one group, so the 199 training rows are split (13 steps of 2 x 8 rows per epoch, not 25 of 8) and one process,
+    the main one, reports the save."""
+    output_dir = tmp_path / "ddp-smoke"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp_cpu.yaml")]
+    command += ["-m", "iav_trl", "train", "--config", "recipes/quickstart_cpu.yaml", "--max_steps", "2"]
+    command += ["--logging_steps", "2", "--output_dir", str(output_dir)]
+    process = subprocess.run(command, cwd=ROOT, env=launch_env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-5000:]
+    output = process.stdout + process.stderr
+    assert "Dropped 37 of 236 rows" in output  # 199 rows are trained on
+    assert set(re.findall(r"'epoch': '([0-9.]+)'", output)) == {"0.1538"}  # 2 of ceil(199 / 16) = 13 steps
+    assert output.count(f"Alignment head saved to {output_dir}.") == 1
+    assert (output_dir / "alignment_head.safetensors").is_file()
+
+
 @pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_accelerate_configs_load_with_the_promised_engine_settings(config):
     parsed = load_config_from_file(str(CONFIGS / config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -113,6 +114,9 @@ class IAVConfig(DPOConfig):
       otherwise, instead of always on (PyTorch warns about it on a CPU).
     - `bf16`: on where the accelerator supports bfloat16 (a CUDA device with compute capability 8.0 or more, or an
       XPU), off otherwise, instead of always on: TRL's default fails on a CPU without `use_cpu=True`.
+    - `use_cpu`: turned on under a multi-process launch (`WORLD_SIZE` > 1, e.g. `accelerate launch --config_file
+      accelerate_configs/ddp_cpu.yaml`) on a machine without an accelerator. Left off there, transformers opens the
+      gloo process group but leaves every process training alone on the whole dataset, each saving its own adapter.
     """
 
     learning_rate: float = field(default=1e-3, metadata={"help": "The initial learning rate for AdamW."})
@@ -175,6 +179,8 @@ class IAVConfig(DPOConfig):
             self.activation_checkpointing = False
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = torch.cuda.is_available()
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            self.use_cpu = True  # one MULTI_CPU group (see the class docstring), before DPOConfig sets up devices
         for name in ("lambda_kl", "lambda_l2", "beta", "readout_memory_gb"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

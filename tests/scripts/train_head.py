@@ -96,7 +96,6 @@ def main() -> None:
         logging_steps=1,
         seed=0,
         bf16=False,
-        use_cpu=True,
         precompute_backbone_features=cli.precompute_backbone_features,
     )
     plugin = args.deepspeed_plugin
