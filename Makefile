@@ -56,7 +56,8 @@ bench-alignment:
 	OMP_NUM_THREADS=2 python -m benchmarks.alignment.benchmark
 
 # SmolLM2-135M-Instruct on HH-RLHF and UltraFeedback (the samples in examples/data and benchmarks/data): several hours,
-# resumable (finished training runs are kept in outputs/real-data-benchmark and read back by the same command).
+# resumable (each finished training run is a committed record in benchmarks/results/real_data_runs, read back by the
+# same command: commit the new records as they appear, and a later clone goes on from them).
 bench-real-data:
 	OMP_NUM_THREADS=2 python -m benchmarks.real_data.benchmark
 

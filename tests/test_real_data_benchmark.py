@@ -31,10 +31,7 @@ from benchmarks.real_data.benchmark import (
 from benchmarks.real_data.methods import (
     METHODS,
     genarm_scorer,
-    heldout_metrics,
     iav_scorer,
-    load_model,
-    load_trained,
     model_scorer,
     train_isolated,
     train_run,
@@ -44,6 +41,9 @@ from iav_trl import get_iav_model
 from iav_trl.inference.iav_inference import completion_mask, encode_prompts
 from iav_trl.models.base_models import load_base_model, load_base_tokenizer
 
+# A run's report figures, small: KL on 2 prompts, 1 generation.
+FIGURES = dict(kl_prompts=2, kl_samples=1, kl_new_tokens=4, num_generation_prompts=1, generation_new_tokens=4)
+
 
 @pytest.fixture(scope="module")
 def miniature(tiny_model, tmp_path_factory):
@@ -52,7 +52,7 @@ def miniature(tiny_model, tmp_path_factory):
         hh_rlhf=[HH],
         ultrafeedback=[ULTRAFEEDBACK],
         output_dir=str(tmp_path_factory.mktemp("results")),
-        work_dir=str(tmp_path_factory.mktemp("runs")),
+        runs_dir=str(tmp_path_factory.mktemp("runs")),
         **MINIATURE,
     )
     results = benchmark(config, "pytest")
@@ -214,31 +214,42 @@ def test_config_refuses_an_alpha_sweep_the_bar_cannot_read():
         RealDataConfig(dpo_learning_rates=[])
 
 
-def test_a_spawned_training_run_reports_its_own_time_and_memory(tiny_model, tmp_path):
+def test_a_spawned_training_run_reports_its_own_time_and_memory_and_its_report_figures(tiny_model):
     tokenizer = load_base_tokenizer(tiny_model)
     pairs, _ = load_pairs([ULTRAFEEDBACK], tokenizer, 128)
-    config = RealDataConfig(model=tiny_model, max_length=128, batch_size=2, eval_batch_size=2)
-    run = train_isolated(config, "iav", 1e-2, pairs.select(range(4)), pairs.select(range(4, 6)), str(tmp_path))
+    config = RealDataConfig(model=tiny_model, max_length=128, batch_size=2, eval_batch_size=2, **FIGURES)
+    splits = {"train": pairs.select(range(4)), "validation": pairs.select(range(4, 6))}
+    splits["heldout"] = pairs.select(range(6, 9))
+    # As for PKU-SafeRLHF (CC BY-NC 4.0): the record never quotes a held-out prompt.
+    run = train_isolated(config, "iav", 1e-2, splits, [row["prompt"] for row in splits["validation"]], False)
     assert run["steps"] == 2 and run["train_seconds"] > 0
     assert run["abs_peak_mb"] >= run["rss_before_train_mb"] > 0
-    assert os.path.isfile(tmp_path / "alignment_head.safetensors")
+    report = run["report"]
+    assert [row["alpha"] for row in report["heldout"]] == config.iav_alphas
+    assert all(len(row["margins"]) == 3 for row in report["heldout"])
+    assert [row["setting"] for row in report["kl"]] == [f"IAV alpha={a:g}" for a in config.iav_alphas]
+    assert [row["setting"] for row in report["kl_on_ultrafeedback_prompts"]] == ["IAV alpha=1"]
+    assert len(report["generations"]) == len(report["generations_on_ultrafeedback_prompts"]) == 1
+    assert report["generations"][0]["prompt"] is None and len(report["generations"][0]["responses"]) == 5
+    text = json.dumps(run)  # a record: plain JSON
+    assert all(message["content"] not in text for row in splits["heldout"] for message in row["prompt"])
 
 
 @pytest.mark.parametrize("method", ["dpo_lora", "genarm"])
-def test_a_reloaded_adapter_is_scored_as_the_trainer_that_trained_it(tiny_model, tmp_path, method):
+def test_a_reloaded_adapter_is_scored_as_the_trainer_that_trained_it(tiny_model, method):
     """
-    The held-out path (adapter saved, loaded into a fresh base, scored pair by pair from
+    The held-out path of a run's record (adapter saved, loaded into a fresh base, scored pair by pair from
     `DPOTrainer.compute_ref_log_probs`) against the training trainer's own `evaluate()` of the same pairs: same
     rewards, and not all 0 (a reloaded DPO adapter evaluated without the base as reference is scored against a copy
     of itself, every margin exactly 0); the per-pair margins average to TRL's margin.
     """
     tokenizer = load_base_tokenizer(tiny_model)
     pairs, _ = load_pairs([HH], tokenizer, 128)
-    config = RealDataConfig(model=tiny_model, max_length=128, batch_size=4, eval_batch_size=4)
+    config = RealDataConfig(model=tiny_model, max_length=128, batch_size=4, eval_batch_size=4, **FIGURES)
     validation = pairs.select(range(8, 12))
-    run = train_run(config, method, 5e-2, pairs.select(range(8)), validation, str(tmp_path))
-    model = load_trained(method, str(tmp_path), load_model(tiny_model))
-    (row,) = heldout_metrics(method, model, tokenizer, validation, config, base=load_model(tiny_model))
+    splits = {"train": pairs.select(range(8)), "validation": validation, "heldout": validation}
+    run = train_run(config, method, 5e-2, splits)
+    row = run["report"]["heldout"]
     expected = run["validation"]
     assert abs(expected["margin"]) > 1e-3
     for key in ("accuracy", "margin", "chosen_reward", "rejected_reward"):
@@ -344,10 +355,11 @@ def test_the_paired_bootstrap_interval_is_the_normal_one_for_many_pairs():
 
 
 def test_a_finished_training_run_is_read_back_not_trained_again(tiny_model, tmp_path):
-    """A second invocation with the same settings and pairs reads each run's figures; other settings train anew."""
+    """A second invocation with the same settings and pairs reads each run's record; other settings train anew."""
     tokenizer = load_base_tokenizer(tiny_model)
     pairs, _ = load_pairs([HH], tokenizer, 128)
     splits = {"train": pairs.select(range(4)), "validation": pairs.select(range(4, 6))}
+    splits["heldout"] = pairs.select(range(6, 8))
     config = RealDataConfig(model=tiny_model, **{**MINIATURE, "iav_learning_rates": [1e-2]})
 
     def grid(config):
@@ -356,7 +368,24 @@ def test_a_finished_training_run_is_read_back_not_trained_again(tiny_model, tmp_
     first, again = grid(config), grid(config)
     assert [run["resumed"] for run in first["runs"] + again["runs"]] == [False, True]
     strip = [{k: v for k, v in run.items() if k != "resumed"} for run in first["runs"] + again["runs"]]
-    assert strip[0] == strip[1] and again["_dir"] == first["_dir"]  # the same figures, time included
-    assert os.path.isfile(os.path.join(first["_dir"], "alignment_head.safetensors"))
+    assert strip[0] == strip[1] and again["report"] == first["report"]  # the same figures, time included
+    (record,) = os.listdir(tmp_path)  # one small JSON record, no head kept
+    assert record.startswith("iav-0.01-") and record.endswith(".json")
     other = grid(dataclasses.replace(config, seed=1))
-    assert other["runs"][0]["resumed"] is False and other["_dir"] != first["_dir"]
+    assert other["runs"][0]["resumed"] is False and len(os.listdir(tmp_path)) == 2
+    held_out = grid(dataclasses.replace(config, kl_prompts=config.kl_prompts + 1))  # an evaluation setting
+    assert held_out["runs"][0]["resumed"] is False
+
+
+def test_a_second_invocation_reads_every_run_and_reports_the_same_figures(miniature):
+    """What a later session does with the committed records: nothing is trained, the report's figures are equal
+    (decoding speed, measured anew, aside)."""
+    config, saved, _ = miniature
+    again = json.loads(json.dumps(benchmark(config, "pytest")))
+    for dataset, figures in again["datasets"].items():
+        for report in figures["tuning"].values():
+            assert all(run["resumed"] for run in report["runs"])
+        first = saved["datasets"][dataset]
+        for key in ("heldout", "paired_outcomes", "iav_alpha_1_minus_dpo_lora", "kl", "generations", "training"):
+            assert figures[key] == first[key], key
+    assert again["pooled"] == saved["pooled"]

@@ -19,12 +19,14 @@ PKU-SafeRLHF (safe-vs-unsafe pairs, several per prompt) and GPT-4-LLM (both CC B
    DPO + LoRA (`trl.DPOTrainer`, LoRA r=16, alpha 32, all linear layers) and GenARM's autoregressive reward model
    (the same LoRA, GenARM's reference-free loss). Each method trains once per learning rate of its grid, each run in
    its own spawned process, and keeps the run with the highest implicit-reward accuracy on the validation split
-   (ties: the lower validation loss, the method's own objective). The held-out split is used only in steps 3-6.
-3. Held-out implicit-reward accuracy and mean margin: IAV at each of `iav_alphas` from `IAVTrainer.evaluate_alphas`
-   (every alpha from one backbone pass, as `iav-trl eval` scores it), DPO + LoRA and GenARM's reward model
-   (`beta * log pi_r(y | x)`, no reference) from `trainer.evaluate(heldout)`'s `eval_rewards/accuracies` and
-   `eval_rewards/margins`. IAV at alpha 0 is the base model: every pair ties (margin exactly 0), which is reported as
-   a tie (win rate 0.5), not as 0% accuracy.
+   (ties: the lower validation loss, the method's own objective). Each run computes the figures of steps 3, 4 and 6
+   right after its training, from its saved head or adapter (`methods.report_figures`), into its record; only the
+   chosen runs' figures are reported, and the held-out split never chooses anything.
+3. Held-out implicit-reward accuracy and mean margin, pair by pair: IAV at each of `iav_alphas` from
+   `IAVTrainer.evaluate_alphas` (every alpha from one backbone pass, as `iav-trl eval` scores it), DPO + LoRA and
+   GenARM's reward model (`beta * log pi_r(y | x)`, no reference) from `DPOTrainer.compute_ref_log_probs`, the
+   figures of `trainer.evaluate(heldout)`. IAV at alpha 0 is the base model: every pair ties (margin exactly 0),
+   which is reported as a tie (win rate 0.5), not as 0% accuracy.
 4. KL to the base model per completion token (`benchmarks.real_data.methods.sample_kl`): responses sampled at
    temperature 1 from each method on held-out prompts, scored teacher-forced under the method's exact decoding
    distribution and under the base model. For the HH-RLHF-trained IAV (alpha 1) and DPO + LoRA, also on
@@ -33,7 +35,9 @@ PKU-SafeRLHF (safe-vs-unsafe pairs, several per prompt) and GPT-4-LLM (both CC B
    training added on top of the loaded model, as `train_step.py` measures it), as ratios to DPO + LoRA's, each the
    mean over the method's learning-rate runs (same pairs and steps); and greedy decoding speed, exactly
    `speed_new_tokens` new tokens on the same held-out prompts, for the base model, IAV at alpha 1, DPO + LoRA (merged)
-   and GenARM, best of `speed_rounds` interleaved rounds (`benchmarks.alignment.rollouts.decode_speed`).
+   and GenARM, best of `speed_rounds` interleaved rounds (`benchmarks.alignment.rollouts.decode_speed`), side by side
+   in one process on fresh weights of each method's shapes (the cost of a decoding step does not depend on trained
+   values).
 6. Greedy generations for `num_generation_prompts` held-out prompts at each alpha next to DPO's and GenARM's, and for
    the HH-RLHF-trained models on as many UltraFeedback held-out prompts.
 7. The bar, per dataset: IAV's held-out accuracy at alpha 1 >= DPO + LoRA's; IAV's training time <= 0.3x and peak
@@ -43,10 +47,11 @@ PKU-SafeRLHF (safe-vs-unsafe pairs, several per prompt) and GPT-4-LLM (both CC B
    and pooled over every dataset's held-out pairs (where IAV's pooled win rate must also reach DPO + LoRA's). And on
    UltraFeedback prompts the HH-RLHF-trained IAV's KL/token at alpha 1 <= DPO + LoRA's.
 
-Resumable: every training run is kept in `work_dir` under a key of its settings and pairs
-(`RealDataConfig.run_key`), its figures last; an invocation with the same settings reads a finished run instead of
-training it again, so a run of several hours can be finished in stages (each resumed run is marked `resumed`; its
-time and memory were measured when it ran, on the same machine only if the stages were).
+Resumable: every finished training run is a record in `runs_dir` (committed: `benchmarks/results/real_data_runs/`),
+under a key of its settings and pairs (`RealDataConfig.run_key`); an invocation with the same settings reads a
+recorded run instead of training it again, so a run of several hours can be finished in stages, in other sessions
+or on other clones (each resumed run is marked `resumed`; its time and memory were measured when it ran, on the same
+machine only if the stages were: compare ratios of runs made on one machine).
 
 Budget: on 2 CPU cores a training step of 8 pairs of up to 192 tokens takes about 5 s for IAV (one gradient-free
 backbone pass), 25 s for DPO + LoRA (backward through the backbone, plus the reference pass) and 20 s for GenARM's
@@ -89,22 +94,9 @@ from trl import DPOConfig
 from benchmarks import RESULTS_DIR, ROOT
 from benchmarks.alignment.benchmark import Clock, genarm_decoder, iav_decoder
 from benchmarks.alignment.rollouts import decode_speed
-from benchmarks.real_data.methods import (
-    METHODS,
-    genarm_scorer,
-    greedy_completions,
-    heldout_metrics,
-    iav_scorer,
-    load_model,
-    load_trained,
-    model_scorer,
-    quiet,
-    sample_kl,
-    train_isolated,
-    train_run,
-)
+from benchmarks.real_data.methods import METHODS, load_model, quiet, train_isolated, train_run
 from benchmarks.train_step import release_memory
-from iav_trl import IAVConfig, load_preference_dataset
+from iav_trl import IAVConfig, get_iav_model, load_preference_dataset
 from iav_trl.inference.iav_inference import encode_prompts
 from iav_trl.models.base_models import load_base_tokenizer
 
@@ -115,9 +107,11 @@ DATASETS = {
     "gpt4_llm": "GPT-4-LLM",
 }
 REQUIRED = ("hh_rlhf", "ultrafeedback")  # the others are read from a path when given (CC BY-NC: never shipped)
+NONCOMMERCIAL = ("pku_saferlhf", "gpt4_llm")  # CC BY-NC 4.0: their text is never written into the results
 SPLITS = ("train", "validation", "heldout")
 LEARNING_RATES = {"iav": "iav_learning_rates", "dpo_lora": "dpo_learning_rates", "genarm": "genarm_learning_rates"}
 TIME_BAR, MEMORY_BAR = 0.3, 0.5  # IAV's training time and peak memory, at most these fractions of DPO + LoRA's
+RUNS_DIR = "benchmarks/results/real_data_runs"  # the committed run records (see `train_grid`)
 INTERVAL_BAR = -0.02  # the paired 95% interval of IAV's held-out win rate minus DPO + LoRA's lies above this
 
 
@@ -158,12 +152,13 @@ class RealDataConfig:
         metadata={"help": "GPT-4-LLM comparison pairs (TRL standard format; CC BY-NC 4.0). Left out when not given."},
     )
     output_dir: str = field(default=RESULTS_DIR, metadata={"help": "Where the JSON and markdown are written."})
-    work_dir: str = field(
-        default="outputs/real-data-benchmark",
+    runs_dir: str = field(
+        default=RUNS_DIR,
         metadata={
-            "help": "Where every training run keeps its head or adapter and its figures, keyed by its settings and "
-            "pairs: a run already there is not trained again, so a long benchmark can be finished in stages. A "
-            "relative path is from the repo root."
+            "help": "Where every finished training run's record goes (a small JSON: its time, memory, validation "
+            "scores and every figure of the report its weights give), keyed by its settings and pairs: a run "
+            "recorded there is not trained again, so a long benchmark can be finished in stages, across machines "
+            "too. A relative path is from the repo root."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the splits, the trainers and the sampling."})
@@ -244,17 +239,25 @@ class RealDataConfig:
     def learning_rates(self, method: str) -> list[float]:
         return getattr(self, LEARNING_RATES[method])
 
-    def run_key(self, method: str, learning_rate: float, splits: dict[str, Dataset]) -> str:
-        """What a training run's figures depend on, hashed: its settings, its training and validation pairs, the
+    def run_key(
+        self,
+        method: str,
+        learning_rate: float,
+        splits: dict[str, Dataset],
+        other_prompts: Sequence[list[dict[str, str]]] | None = None,
+    ) -> str:
+        """What a training run's record depends on, hashed: its settings and the evaluation's, its training,
+        validation and held-out pairs (and `other_prompts`, where its KL and generations are also measured), the
         library versions and, for IAV, `IAVConfig`'s own defaults (the head and the loss it trains with)."""
         settings = {
             name: getattr(self, name)
             for name in (
                 "model", "seed", "max_length", "batch_size", "epochs", "max_steps", "warmup_ratio", "beta",
-                "eval_batch_size", "isolate_training",
+                "eval_batch_size", "isolate_training", "iav_alphas", "genarm_alpha", "kl_prompts", "kl_samples",
+                "kl_new_tokens", "sample_batch_size", "num_generation_prompts", "generation_new_tokens",
             )
         }  # fmt: skip
-        pairs = {name: [json.dumps(row, sort_keys=True) for row in splits[name]] for name in ("train", "validation")}
+        pairs = {name: [json.dumps(row, sort_keys=True) for row in splits[name]] for name in SPLITS}
         versions = {
             name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "peft", "iav-trl")
         }
@@ -266,7 +269,7 @@ class RealDataConfig:
         }
         text = json.dumps(
             {"method": method, "learning_rate": learning_rate, **settings, "versions": versions,
-             "iav_defaults": iav_defaults, "pairs": pairs},
+             "iav_defaults": iav_defaults, "pairs": pairs, "other_prompts": other_prompts},
         )  # fmt: skip
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -345,43 +348,52 @@ def split_pairs(pairs: Dataset, config: RealDataConfig) -> dict[str, Dataset]:
 
 
 def train_grid(
-    config: RealDataConfig, method: str, splits: dict[str, Dataset], work_dir: str, label: str, clock: Clock
+    config: RealDataConfig,
+    method: str,
+    splits: dict[str, Dataset],
+    runs_dir: str,
+    label: str,
+    clock: Clock,
+    other_prompts: Sequence[list[dict[str, str]]] | None = None,
+    quote_prompts: bool = True,
 ) -> dict[str, Any]:
     """
-    Train `method` at every learning rate of its grid and choose the run with the highest validation accuracy (ties:
-    the lowest validation loss). Returns every run (time, memory, validation scores) and the chosen one.
+    Train `method` at every learning rate of its grid (`train_run`: each run also computes its report figures on
+    the held-out split and `other_prompts`) and choose the run with the highest validation accuracy (ties: the
+    lowest validation loss); only the validation scores choose. Returns every run's time, memory and validation
+    scores, and the chosen run's report figures (`report`).
 
-    Each run lives in `work_dir/<method>-<learning rate>-<RealDataConfig.run_key>`: its head or adapter, and
-    `run.json`, its figures, written last. A run whose `run.json` is there was finished by an earlier invocation
-    with the same settings and pairs, and is read instead of trained again (marked `resumed`).
+    Each run's record is `runs_dir/<method>-<learning rate>-<RealDataConfig.run_key>.json`, written (atomically)
+    when the run has finished. A run whose record is there was finished by an earlier invocation with the same
+    settings and pairs, and is read instead of trained again (marked `resumed`).
     """
     train = train_isolated if config.isolate_training else train_run
     runs = []
+    os.makedirs(runs_dir, exist_ok=True)
     for learning_rate in config.learning_rates(method):
         name = f"{label}: {METHODS[method]} at learning rate {learning_rate:g}"
-        save_dir = os.path.join(
-            work_dir, f"{method}-{learning_rate:g}-{config.run_key(method, learning_rate, splits)}"
-        )
-        record = os.path.join(save_dir, "run.json")
+        key = config.run_key(method, learning_rate, splits, other_prompts)
+        record = os.path.join(runs_dir, f"{method}-{learning_rate:g}-{key}.json")
         if os.path.isfile(record):
             with open(record) as fh:
-                runs.append({**json.load(fh), "resumed": True, "dir": save_dir})
-            clock(f"{name}: finished earlier, read from {save_dir}")
+                runs.append({**json.load(fh), "resumed": True})
+            clock(f"{name}: finished earlier, read from {os.path.relpath(record, ROOT)}")
         else:
             progress(clock, f"train {name}")
-            runs.append(train(config, method, learning_rate, splits["train"], splits["validation"], save_dir))
+            runs.append(train(config, method, learning_rate, splits, other_prompts, quote_prompts))
             with open(record + ".tmp", "w") as fh:
-                json.dump(runs[-1], fh, indent=2)
-            os.replace(record + ".tmp", record)  # only a finished run has a run.json
-            runs[-1] |= {"resumed": False, "dir": save_dir}
+                json.dump(runs[-1], fh, indent=1, ensure_ascii=False)
+                fh.write("\n")
+            os.replace(record + ".tmp", record)  # only a finished run has a record
+            runs[-1]["resumed"] = False
         validation = runs[-1]["validation"]
         clock(f"{name}: validation accuracy {validation['accuracy']:.3f}, loss {validation['loss']:.4f}")
     best = max(runs, key=lambda run: (run["validation"]["accuracy"], -run["validation"]["loss"]))
     return {
         "chosen_learning_rate": best["learning_rate"],
         "criterion": "highest validation accuracy, then lowest validation loss",
-        "runs": [{key: value for key, value in run.items() if key != "dir"} for run in runs],
-        "_dir": best["dir"],
+        "runs": [{key: value for key, value in run.items() if key != "report"} for run in runs],
+        "report": best["report"],
     }
 
 
@@ -403,105 +415,77 @@ def training_cost(tuning: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
     return cost
 
 
-def generations(
-    decoders: dict[str, Any], tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int
-) -> list[dict[str, Any]]:
-    """Greedy responses of every decoder to `prompts`: one entry per prompt, `{setting: response}`."""
-    responses = {
-        name: greedy_completions(decoder, tokenizer, prompts, max_new_tokens) for name, decoder in decoders.items()
-    }
-    return [
-        {"prompt": prompt, "responses": {name: texts[i] for name, texts in responses.items()}}
-        for i, prompt in enumerate(prompts)
-    ]
-
-
 def evaluate_dataset(
     config: RealDataConfig,
-    dataset: str,
+    label: str,
     splits: dict[str, Dataset],
     tuning: dict[str, dict[str, Any]],
     tokenizer,
-    other_prompts: list[list[dict[str, str]]] | None,
     clock: Clock,
 ) -> dict[str, Any]:
     """
-    Held-out rewards, KL, decoding speed and generations of the chosen runs on `dataset`; with `other_prompts`
-    (UltraFeedback's held-out prompts, for the HH-RLHF-trained models) also KL and generations on those.
+    The chosen runs' held-out rewards, KL and generations (from their records), the paired comparison of IAV at
+    alpha 1 with DPO + LoRA on the same held-out pairs, and the decoding speed of the four decoders side by side.
+
+    Decoding speed depends on each method's architecture, not on its trained values (exactly `speed_new_tokens`
+    new tokens are decoded), so it is measured here, in one process, on fresh weights of the same shapes: the base
+    model; IAV, the base with the default head (`get_iav_model`); DPO + LoRA merged, which is the base architecture
+    (a second copy of the base weights); GenARM, the base guided by a second base-sized reward model.
     """
-    label = DATASETS[dataset]
-    heldout = splits["heldout"]
-    prompts = [row["prompt"] for row in heldout]
-    base = load_model(config.model)
-    iav = load_trained("iav", tuning["iav"]["_dir"], base)
-    dpo = load_trained("dpo_lora", tuning["dpo_lora"]["_dir"], load_model(config.model))
-    arm = load_trained("genarm", tuning["genarm"]["_dir"], load_model(config.model))
-    progress(clock, f"{label}: held-out implicit rewards")
-    # DPO's reference is a base model of its own: `DPOTrainer` patches its reference model's `forward`.
-    reference = load_model(config.model)
-    rewards = {
-        "iav": heldout_metrics("iav", iav, tokenizer, heldout, config, config.iav_alphas),
-        "dpo_lora": heldout_metrics("dpo_lora", dpo, tokenizer, heldout, config, base=reference)[0],
-        "genarm": heldout_metrics("genarm", arm, tokenizer, heldout, config)[0],
-    }
-    del reference
+    reports = {method: tuning[method]["report"] for method in METHODS}
+    rewards = {method: report["heldout"] for method, report in reports.items()}
     iav_alpha_1 = next(row for row in rewards["iav"] if row["alpha"] == 1.0)
     paired = {"iav_alpha_1": outcomes(iav_alpha_1["margins"]), "dpo_lora": outcomes(rewards["dpo_lora"]["margins"])}
-    for row in [*rewards["iav"], rewards["dpo_lora"], rewards["genarm"]]:
-        del row["margins"]
-    clock(f"{label}: held-out implicit rewards")
-    dpo, arm = dpo.merge_and_unload().eval(), arm.merge_and_unload().eval()
-    alpha = config.genarm_alpha
-    iav_settings = {f"IAV alpha={a:g}": (iav_decoder(iav, a), iav_scorer(iav, a)) for a in config.iav_alphas}
-    settings = {
-        **iav_settings,
-        "DPO + LoRA": (dpo.generate, model_scorer(dpo, base)),
-        f"GenARM alpha={alpha:g}": (genarm_decoder(base, arm, alpha), genarm_scorer(base, arm, alpha)),
+    rewards = {
+        "iav": [{k: v for k, v in row.items() if k != "margins"} for row in rewards["iav"]],
+        **{method: {k: v for k, v in rewards[method].items() if k != "margins"} for method in ("dpo_lora", "genarm")},
     }
-
-    def kl(setting: str, prompt_list: list) -> dict[str, Any]:
-        decoder, scorer = settings[setting]
-        figures = sample_kl(
-            decoder, scorer, tokenizer, prompt_list[: config.kl_prompts], config.kl_samples,
-            config.kl_new_tokens, config.sample_batch_size, config.seed,
-        )  # fmt: skip
-        return {"setting": setting, **figures}
-
-    progress(clock, f"{label}: KL to the base model")
     results = {
         "heldout": rewards,
         "paired_outcomes": paired,
         "iav_alpha_1_minus_dpo_lora": paired_bootstrap(
             paired["iav_alpha_1"], paired["dpo_lora"], config.bootstrap_resamples, config.seed
         ),
-        "kl": [kl(setting, prompts) for setting in settings],
+        "kl": [row for method in METHODS for row in reports[method]["kl"]],
+        "generations": merged_generations([reports[method]["generations"] for method in METHODS]),
     }
-    clock(f"{label}: KL to the base model on held-out prompts")
+    if "kl_on_ultrafeedback_prompts" in reports["iav"]:
+        results["kl_on_ultrafeedback_prompts"] = [
+            row for method in METHODS for row in reports[method]["kl_on_ultrafeedback_prompts"]
+        ]
+        results["generations_on_ultrafeedback_prompts"] = merged_generations(
+            [reports[method]["generations_on_ultrafeedback_prompts"] for method in METHODS]
+        )
+    progress(clock, f"{label}: decoding speed")
+    base = load_model(config.model)
+    iav, dpo, arm = get_iav_model(load_model(config.model)).eval(), load_model(config.model), load_model(config.model)
+    prompts = [row["prompt"] for row in splits["heldout"]]
     speed_inputs = encode_prompts(tokenizer, prompts[: config.speed_prompts])
     speed_decoders = {
         "base": base.generate,
         "iav": iav_decoder(iav, 1.0),
         "dpo_lora": dpo.generate,
-        "genarm": genarm_decoder(base, arm, alpha),
+        "genarm": genarm_decoder(base, arm, config.genarm_alpha),
     }
     results["decode_speed"] = {
         "prompts": speed_inputs["input_ids"].shape[0],
         "new_tokens": config.speed_new_tokens,
+        "weights": "fresh, of each method's shapes (speed does not depend on trained values)",
         "variants": decode_speed(
             speed_decoders, speed_inputs, config.speed_new_tokens, config.speed_rounds, config.seed
         ),
     }
     clock(f"{label}: decoding speed")
-    decoders = {setting: decoder for setting, (decoder, _) in settings.items()}
-    count, new_tokens = config.num_generation_prompts, config.generation_new_tokens
-    results["generations"] = generations(decoders, tokenizer, prompts[:count], new_tokens)
-    if other_prompts is not None:
-        results["kl_on_ultrafeedback_prompts"] = [kl(s, other_prompts) for s in ("IAV alpha=1", "DPO + LoRA")]
-        results["generations_on_ultrafeedback_prompts"] = generations(
-            decoders, tokenizer, other_prompts[:count], new_tokens
-        )
-    clock(f"{label}: generations")
     return results
+
+
+def merged_generations(per_method: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per prompt with every method's responses (each method's list holds the same prompts in order)."""
+    merged = []
+    for entries in zip(*per_method, strict=True):
+        responses = {setting: text for entry in entries for setting, text in entry["responses"].items()}
+        merged.append({"index": entries[0]["index"], "prompt": entries[0]["prompt"], "responses": responses})
+    return merged
 
 
 def rises(values: Sequence[float]) -> bool:
@@ -630,20 +614,29 @@ def run(config: RealDataConfig) -> dict[str, Any]:
     clock("load the model and the pairs")
     results: dict[str, Any] = {"model": model_facts, "data": data, "datasets": {}}
     other_prompts = [row["prompt"] for row in splits["ultrafeedback"]["heldout"]]
-    work_dir = os.path.join(ROOT, config.work_dir)
+    runs_dir = os.path.join(ROOT, config.runs_dir)
     for dataset in config.datasets():
         label = DATASETS[dataset]
+        others = other_prompts if dataset == "hh_rlhf" else None
         tuning = {
-            method: train_grid(config, method, splits[dataset], os.path.join(work_dir, dataset), label, clock)
+            method: train_grid(
+                config,
+                method,
+                splits[dataset],
+                os.path.join(runs_dir, dataset),
+                label,
+                clock,
+                others,
+                quote_prompts=dataset not in NONCOMMERCIAL,
+            )  # fmt: skip
             for method in METHODS
         }
-        figures = evaluate_dataset(
-            config, dataset, splits[dataset], tuning, tokenizer,
-            other_prompts if dataset == "hh_rlhf" else None, clock,
-        )  # fmt: skip
+        figures = evaluate_dataset(config, label, splits[dataset], tuning, tokenizer, clock)
         release_memory()  # of the models `evaluate_dataset` loaded
         results["datasets"][dataset] = {
-            "tuning": {method: {k: v for k, v in report.items() if k != "_dir"} for method, report in tuning.items()},
+            "tuning": {
+                method: {k: v for k, v in report.items() if k != "report"} for method, report in tuning.items()
+            },
             "training": training_cost(tuning),
             **figures,
         }
@@ -681,9 +674,12 @@ def _last_user_turn(prompt: list[dict[str, str]]) -> str:
 def _generation_tables(entries: list[dict[str, Any]]) -> list[str]:
     lines = []
     for entry in entries:
-        turns = len(entry["prompt"])
-        context = f" (last of {turns} turns)" if turns > 1 else ""
-        lines += ["", f"Prompt{context}: {_cell(_last_user_turn(entry['prompt']))}", ""]
+        if entry["prompt"] is None:
+            lines += ["", f"Held-out prompt {entry['index']} (CC BY-NC 4.0: not quoted here)", ""]
+        else:
+            turns = len(entry["prompt"])
+            context = f" (last of {turns} turns)" if turns > 1 else ""
+            lines += ["", f"Prompt{context}: {_cell(_last_user_turn(entry['prompt']))}", ""]
         lines += ["| setting | greedy response |", "| --- | --- |"]
         lines += [f"| {setting} | {_cell(text)} |" for setting, text in entry["responses"].items()]
     return lines

@@ -8,10 +8,12 @@
   `benchmarks.alignment.methods.ReferenceFreeDPOTrainer`, so that `r(x, y) = beta * log pi_r(y | x)`; decoded by
   `iav_trl.inference.genarm` as `z_base + alpha * log_softmax(z_arm)`.
 
-`train_run` trains one method at one learning rate on the training pairs and scores it on the validation pairs;
-`train_isolated` does it in a fresh (spawned) process, so that its wall time and RSS high-water mark are the
-training's own. The trained head or adapter is saved; `load_trained` reads it back for the held-out evaluation
-(`heldout_metrics`), the KL to the base model (`sample_kl`) and greedy generations (`greedy_completions`).
+`train_run` trains one method at one learning rate on the training pairs, scores it on the validation pairs and then
+computes every figure of the report that needs its trained weights (`report_figures`: held-out rewards pair by pair,
+`heldout_metrics`; KL to the base model, `sample_kl`; greedy generations, `greedy_completions`), so that a finished
+run is a small JSON record and no head or adapter has to be kept; `train_isolated` does it in a fresh (spawned)
+process, so that its wall time and RSS high-water mark are the training's own. `load_trained` reads a saved head or
+adapter back.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
+from benchmarks.alignment.benchmark import genarm_decoder, iav_decoder
 from benchmarks.alignment.methods import ReferenceFreeDPOTrainer
 from benchmarks.alignment.rollouts import GREEDY, SAMPLING
 from benchmarks.train_step import maxrss_mb, release_memory, reset_peak_rss, rss_mb
@@ -205,16 +208,16 @@ def train_run(
     config,
     method: str,
     learning_rate: float,
-    train: Dataset,
-    validation: Dataset,
-    save_dir: str,
-    iav_settings: dict[str, Any] | None = None,
+    splits: dict[str, Dataset],
+    other_prompts: Sequence[list[dict[str, str]]] | None = None,
+    quote_prompts: bool = True,
 ) -> dict[str, Any]:
     """
-    Train `method` at `learning_rate` on `train` and evaluate it on `validation` (the method's own implicit reward at
-    its training strength); save the head or adapter to `save_dir`. Memory is measured as in `train_step.py`: the
-    peak-RSS mark is reset right before `trainer.train()`, so `train_peak_mb` is what training added on top of the
-    loaded model and trainer; `abs_peak_mb` is the process's high-water mark.
+    Train `method` at `learning_rate` on `splits["train"]`, evaluate it on `splits["validation"]` (the method's own
+    implicit reward at its training strength), then compute its `report_figures` on `splits["heldout"]` (and
+    `other_prompts`; `quote_prompts` as there). Memory is measured as in `train_step.py`: the peak-RSS mark is
+    reset right before `trainer.train()`, so `train_peak_mb` is what training added on top of the loaded model and
+    trainer; `abs_peak_mb` is the process's high-water mark (taken before the report figures).
     """
     quiet()
     tokenizer = load_base_tokenizer(config.model)
@@ -223,12 +226,11 @@ def train_run(
             method,
             load_model(config.model),
             tokenizer,
-            train,
-            validation,
+            splits["train"],
+            splits["validation"],
             config,
             output_dir,
             learning_rate,
-            iav_settings=iav_settings,
         )
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         release_memory()
@@ -242,9 +244,15 @@ def train_run(
             validation_metrics = iav_metrics(trainer, [trainer.training_alpha])[0]
         else:
             validation_metrics = reward_metrics(trainer.evaluate())
-        trainer.save_model(save_dir)
         steps = trainer.state.global_step
-    del trainer
+        save_dir = os.path.join(output_dir, "trained")
+        trainer.save_model(save_dir)
+        del trainer
+        release_memory()
+        # The report's figures from the saved head or adapter in a fresh base model, as a user would load it.
+        model = load_trained(method, save_dir, load_model(config.model))
+        figures = report_figures(config, method, model, tokenizer, splits["heldout"], other_prompts, quote_prompts)
+    del model
     release_memory()
     return {
         "learning_rate": learning_rate,
@@ -256,6 +264,7 @@ def train_run(
         "abs_peak_mb": train_peak,
         "peak_reset": peak_reset,
         "validation": validation_metrics,
+        "report": figures,
     }
 
 
@@ -416,3 +425,102 @@ def greedy_completions(
     sequences = decoder(**inputs, **GREEDY, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     new = sequences[:, inputs["input_ids"].shape[1] :]
     return decode_completions(tokenizer, new, completion_mask(new, eos))
+
+
+def generations(
+    decoders: dict[str, Decoder],
+    tokenizer,
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    quote_prompts: bool = True,
+) -> list[dict[str, Any]]:
+    """
+    Greedy responses of every decoder to `prompts`: one entry per prompt, its `index` in `prompts`, the `prompt`
+    (None unless `quote_prompts`: a CC BY-NC dataset's text is never written into the repository) and
+    `{setting: response}`.
+    """
+    responses = {
+        name: greedy_completions(decoder, tokenizer, prompts, max_new_tokens) for name, decoder in decoders.items()
+    }
+    return [
+        {
+            "index": i,
+            "prompt": prompt if quote_prompts else None,
+            "responses": {name: texts[i] for name, texts in responses.items()},
+        }
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def decoding_settings(
+    config, method: str, model: IAVModel | PeftModel, base: PreTrainedModel | None
+) -> dict[str, tuple[Decoder, Scorer]]:
+    """
+    The decoding distributions of a trained `model` that the report samples and scores, by setting name: IAV at
+    each of `config.iav_alphas` (its own pass gives the base logits); DPO + LoRA, merged, scored against `base`;
+    GenARM at `config.genarm_alpha`, guiding `base`.
+    """
+    if method == "iav":
+        return {f"IAV alpha={a:g}": (iav_decoder(model, a), iav_scorer(model, a)) for a in config.iav_alphas}
+    merged = model.merge_and_unload().eval()
+    if method == "dpo_lora":
+        return {"DPO + LoRA": (merged.generate, model_scorer(merged, base))}
+    alpha = config.genarm_alpha
+    return {f"GenARM alpha={alpha:g}": (genarm_decoder(base, merged, alpha), genarm_scorer(base, merged, alpha))}
+
+
+# The settings whose KL and generations are also reported on UltraFeedback's prompts for the HH-RLHF-trained models.
+CROSS_DATASET_KL = ("IAV alpha=1", "DPO + LoRA")
+
+
+def report_figures(
+    config,
+    method: str,
+    model: IAVModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout: Dataset,
+    other_prompts: Sequence[list[dict[str, str]]] | None = None,
+    quote_prompts: bool = True,
+) -> dict[str, Any]:
+    """
+    Every figure of the report that needs a trained run's weights, so that the run need not be kept (the held-out
+    prompts of the generations are quoted only with `quote_prompts`):
+
+    - `heldout`: the held-out implicit-reward rows with every pair's `margins` (`heldout_metrics`; IAV one row per
+      alpha), DPO's against a fresh base model as reference;
+    - `kl`: KL per token to the base model of each decoding setting (`decoding_settings`), sampled on the first
+      `config.kl_prompts` held-out prompts (`sample_kl`);
+    - `generations`: greedy responses of each setting to the first `config.num_generation_prompts` held-out prompts;
+    - with `other_prompts` (UltraFeedback's held-out prompts, for the HH-RLHF-trained models), the same KL for the
+      settings of `CROSS_DATASET_KL` and the same generations on those prompts.
+
+    A DPO or GenARM `model` is merged into its base weights for decoding: do not use it afterwards.
+    """
+    reference = load_model(config.model) if method == "dpo_lora" else None  # DPOTrainer patches its forward
+    rows = heldout_metrics(method, model, tokenizer, heldout, config, config.iav_alphas, base=reference)
+    del reference
+    base = None if method == "iav" else load_model(config.model)
+    settings = decoding_settings(config, method, model, base)
+    prompts = [row["prompt"] for row in heldout]
+
+    def kl(setting: str, prompt_list: Sequence[list[dict[str, str]]]) -> dict[str, Any]:
+        decoder, scorer = settings[setting]
+        figures = sample_kl(
+            decoder, scorer, tokenizer, prompt_list[: config.kl_prompts], config.kl_samples,
+            config.kl_new_tokens, config.sample_batch_size, config.seed,
+        )  # fmt: skip
+        return {"setting": setting, **figures}
+
+    decoders = {setting: decoder for setting, (decoder, _) in settings.items()}
+    count, new_tokens = config.num_generation_prompts, config.generation_new_tokens
+    figures = {
+        "heldout": rows if method == "iav" else rows[0],
+        "kl": [kl(setting, prompts) for setting in settings],
+        "generations": generations(decoders, tokenizer, prompts[:count], new_tokens, quote_prompts),
+    }
+    if other_prompts is not None:
+        figures["kl_on_ultrafeedback_prompts"] = [kl(s, other_prompts) for s in settings if s in CROSS_DATASET_KL]
+        figures["generations_on_ultrafeedback_prompts"] = generations(
+            decoders, tokenizer, list(other_prompts[:count]), new_tokens
+        )
+    return figures
