@@ -18,6 +18,7 @@ from benchmarks.alignment.rollouts import SAMPLING
 from benchmarks.real_data.benchmark import (
     DATASETS,
     RealDataConfig,
+    StageDone,
     benchmark,
     load_pairs,
     outcomes,
@@ -389,3 +390,16 @@ def test_a_second_invocation_reads_every_run_and_reports_the_same_figures(miniat
         for key in ("heldout", "paired_outcomes", "iav_alpha_1_minus_dpo_lora", "kl", "generations", "training"):
             assert figures[key] == first[key], key
     assert again["pooled"] == saved["pooled"]
+
+
+def test_a_stage_trains_at_most_max_new_runs_the_longest_method_first(tiny_model, tmp_path):
+    config = RealDataConfig(
+        model=tiny_model, hh_rlhf=[HH], ultrafeedback=[ULTRAFEEDBACK], runs_dir=str(tmp_path), max_new_runs=1,
+        **MINIATURE,
+    )  # fmt: skip
+    with pytest.raises(StageDone, match="Run the same command again"):
+        benchmark(config, "pytest")
+    (record,) = os.listdir(tmp_path / "hh_rlhf")
+    assert record.startswith("dpo_lora-0.01-")
+    with pytest.raises(ValueError, match="max_new_runs"):
+        RealDataConfig(max_new_runs=-2)

@@ -51,7 +51,8 @@ Resumable: every finished training run is a record in `runs_dir` (committed: `be
 under a key of its settings and pairs (`RealDataConfig.run_key`); an invocation with the same settings reads a
 recorded run instead of training it again, so a run of several hours can be finished in stages, in other sessions
 or on other clones (each resumed run is marked `resumed`; its time and memory were measured when it ran, on the same
-machine only if the stages were: compare ratios of runs made on one machine).
+machine only if the stages were: compare ratios of runs made on one machine). `--max_new_runs N` makes a stage: it
+trains at most N new runs, the longest methods first (`TRAINING_ORDER`), records them and stops.
 
 Budget: on 2 CPU cores a training step of 8 pairs of up to 192 tokens takes about 5 s for IAV (one gradient-free
 backbone pass), 25 s for DPO + LoRA (backward through the backbone, plus the reference pass) and 20 s for GenARM's
@@ -112,6 +113,8 @@ SPLITS = ("train", "validation", "heldout")
 LEARNING_RATES = {"iav": "iav_learning_rates", "dpo_lora": "dpo_learning_rates", "genarm": "genarm_learning_rates"}
 TIME_BAR, MEMORY_BAR = 0.3, 0.5  # IAV's training time and peak memory, at most these fractions of DPO + LoRA's
 RUNS_DIR = "benchmarks/results/real_data_runs"  # the committed run records (see `train_grid`)
+# The longest runs first: a stage cut short by `max_new_runs` has done what a shorter later stage could not.
+TRAINING_ORDER = ("dpo_lora", "genarm", "iav")
 INTERVAL_BAR = -0.02  # the paired 95% interval of IAV's held-out win rate minus DPO + LoRA's lies above this
 
 
@@ -190,6 +193,13 @@ class RealDataConfig:
     genarm_learning_rates: list[float] = field(
         default_factory=lambda: [5e-4, 1e-3], metadata={"help": "GenARM reward model's learning-rate grid."}
     )
+    max_new_runs: int = field(
+        default=-1,
+        metadata={
+            "help": "Train at most this many runs not yet recorded, then stop (a stage: the report is written once "
+            "every run is recorded); -1: no limit."
+        },
+    )
     isolate_training: bool = field(
         default=True,
         metadata={
@@ -232,6 +242,8 @@ class RealDataConfig:
         for name in LEARNING_RATES.values():
             if not getattr(self, name):
                 raise ValueError(f"`{name}` must not be empty.")
+        if self.max_new_runs < -1:
+            raise ValueError(f"`max_new_runs` must be -1 (no limit) or at least 0, got {self.max_new_runs}.")
         for name in ("num_train", "num_validation", "num_heldout", "batch_size", "kl_prompts", "kl_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
@@ -347,6 +359,25 @@ def split_pairs(pairs: Dataset, config: RealDataConfig) -> dict[str, Dataset]:
     return {name: pairs.select(indices) for name, indices in chosen.items()}
 
 
+class StageDone(Exception):
+    """`max_new_runs` runs were trained and recorded: the rest of the benchmark is for a later invocation."""
+
+
+@dataclass
+class RunBudget:
+    """How many more runs this invocation may train (`max_new_runs`; -1: any number)."""
+
+    left: int
+
+    def spend(self, name: str) -> None:
+        if self.left == 0:
+            raise StageDone(
+                f"Stage done: the next run to train is {name}. Run the same command again to go on from the "
+                "recorded runs."
+            )
+        self.left -= 1
+
+
 def train_grid(
     config: RealDataConfig,
     method: str,
@@ -356,6 +387,7 @@ def train_grid(
     clock: Clock,
     other_prompts: Sequence[list[dict[str, str]]] | None = None,
     quote_prompts: bool = True,
+    budget: RunBudget | None = None,
 ) -> dict[str, Any]:
     """
     Train `method` at every learning rate of its grid (`train_run`: each run also computes its report figures on
@@ -365,7 +397,8 @@ def train_grid(
 
     Each run's record is `runs_dir/<method>-<learning rate>-<RealDataConfig.run_key>.json`, written (atomically)
     when the run has finished. A run whose record is there was finished by an earlier invocation with the same
-    settings and pairs, and is read instead of trained again (marked `resumed`).
+    settings and pairs, and is read instead of trained again (marked `resumed`). A new run spends one of `budget`'s
+    runs first (`StageDone` when none is left).
     """
     train = train_isolated if config.isolate_training else train_run
     runs = []
@@ -379,6 +412,8 @@ def train_grid(
                 runs.append({**json.load(fh), "resumed": True})
             clock(f"{name}: finished earlier, read from {os.path.relpath(record, ROOT)}")
         else:
+            if budget is not None:
+                budget.spend(name)
             progress(clock, f"train {name}")
             runs.append(train(config, method, learning_rate, splits, other_prompts, quote_prompts))
             with open(record + ".tmp", "w") as fh:
@@ -615,10 +650,11 @@ def run(config: RealDataConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"model": model_facts, "data": data, "datasets": {}}
     other_prompts = [row["prompt"] for row in splits["ultrafeedback"]["heldout"]]
     runs_dir = os.path.join(ROOT, config.runs_dir)
+    budget = RunBudget(config.max_new_runs)
     for dataset in config.datasets():
         label = DATASETS[dataset]
         others = other_prompts if dataset == "hh_rlhf" else None
-        tuning = {
+        grids = {
             method: train_grid(
                 config,
                 method,
@@ -628,9 +664,11 @@ def run(config: RealDataConfig) -> dict[str, Any]:
                 clock,
                 others,
                 quote_prompts=dataset not in NONCOMMERCIAL,
-            )  # fmt: skip
-            for method in METHODS
+                budget=budget,
+            )
+            for method in TRAINING_ORDER
         }
+        tuning = {method: grids[method] for method in METHODS}
         figures = evaluate_dataset(config, label, splits[dataset], tuning, tokenizer, clock)
         release_memory()  # of the models `evaluate_dataset` loaded
         results["datasets"][dataset] = {
@@ -896,7 +934,11 @@ def benchmark(config: RealDataConfig, command: str | None = None) -> dict[str, A
 def main() -> None:
     (config,) = HfArgumentParser(RealDataConfig, description=__doc__).parse_args_into_dataclasses()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    results = benchmark(config, " ".join(["python", *sys.argv]))
+    try:
+        results = benchmark(config, " ".join(["python", *sys.argv]))
+    except StageDone as stage:
+        print(stage)
+        return
     json_path, md_path = write(results, config.output_dir)
     print()
     print(markdown(results))
