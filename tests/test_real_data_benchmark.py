@@ -168,6 +168,21 @@ def test_pairs_fit_and_splits_are_seeded_and_disjoint(tiny_model):
     assert split_pairs(pairs, dataclasses.replace(config, seed=1))["heldout"]["prompt"] != splits["heldout"]["prompt"]
 
 
+def test_standard_format_pairs_are_read_as_one_user_turn_and_its_answers(tiny_model, tmp_path):
+    """PKU-SafeRLHF and GPT-4-LLM come in TRL's standard format (strings): a chat model reads each as a chat."""
+    path = tmp_path / "standard.jsonl"
+    rows = [{"prompt": f"Request {i}?", "chosen": f"Safe answer {i}.", "rejected": f"Bad answer {i}."} for i in (0, 1)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = load_base_tokenizer(tiny_model)
+    pairs, counts = load_pairs([str(path), HH], tokenizer, 128)
+    assert pairs[0] == {
+        "prompt": [{"role": "user", "content": "Request 0?"}],
+        "chosen": [{"role": "assistant", "content": "Safe answer 0."}],
+        "rejected": [{"role": "assistant", "content": "Bad answer 0."}],
+    }
+    assert counts["fitting"] == len(pairs) > 2  # and the conversational file after it
+
+
 def test_pairs_that_share_a_prompt_go_to_one_split():
     """PKU-SafeRLHF has several pairs per prompt: each prompt's pairs stay together, the sizes are reached."""
     rows = [

@@ -306,9 +306,21 @@ def pair_length(tokenizer, row: dict[str, Any]) -> int:
     return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
+def as_conversation(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """A pair in TRL's standard format (strings: PKU-SafeRLHF's and GPT-4-LLM's requests) as the conversation a chat
+    model is trained and asked in: the prompt one user turn, each response one assistant turn."""
+    return {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        **{side: [{"role": "assistant", "content": row[side]}] for side in ("chosen", "rejected")},
+    }
+
+
 def load_pairs(paths: Sequence[str], tokenizer, max_length: int) -> tuple[Dataset, dict[str, int]]:
-    """Every pair of the files (read as one dataset) with at most `max_length` tokens, and the counts."""
-    pairs = concatenate_datasets([load_preference_dataset(path) for path in paths])
+    """Every pair of the files (read as one dataset, each in conversational form: `as_conversation`) with at most
+    `max_length` tokens, and the counts."""
+    parts = [load_preference_dataset(path) for path in paths]
+    parts = [part.map(as_conversation) if isinstance(part[0]["prompt"], str) else part for part in parts]
+    pairs = concatenate_datasets(parts)
     keep = [index for index, row in enumerate(pairs) if pair_length(tokenizer, row) <= max_length]
     prompts = {prompt_key(row["prompt"]) for row in pairs}
     counts = {"pairs": len(pairs), "distinct_prompts": len(prompts), "fitting": len(keep)}
