@@ -24,6 +24,7 @@ from benchmarks.real_data.benchmark import (
     outcomes,
     paired_bootstrap,
     rises,
+    safety_prompts,
     split_pairs,
     split_sizes,
     train_grid,
@@ -39,7 +40,7 @@ from benchmarks.real_data.methods import (
 )
 from benchmarks.train_step import maxrss_mb
 from iav_trl import get_iav_model
-from iav_trl.inference.iav_inference import completion_mask, encode_prompts
+from iav_trl.inference.iav_inference import completion_mask, decode_completions, encode_prompts
 from iav_trl.models.base_models import load_base_model, load_base_tokenizer
 
 # A run's report figures, small: KL on 2 prompts, 1 generation.
@@ -107,6 +108,54 @@ def test_every_section_is_there_with_finite_numbers(miniature):
     numbers = list(_numbers(saved))
     assert len(numbers) > 200
     assert all(math.isfinite(value) for _, value in numbers), [path for path, v in numbers if not math.isfinite(v)]
+
+
+def test_the_hh_rlhf_models_answer_every_safety_prompt_at_every_setting(miniature, tiny_model):
+    """IAV at each alpha and DPO + LoRA answer the held-out safety prompts; IAV at alpha 0 answers as the base model
+    does greedily (`generate` with the head off), an independent reference."""
+    config, saved, _ = miniature
+    assert saved["safety_prompts"] == {"hh_rlhf_harmless": 2}  # the fixture is harmless-base: no helpful prompts
+    answers = saved["datasets"]["hh_rlhf"]["safety_answers"]
+    assert list(answers) == ["hh_rlhf_harmless"]
+    settings = answers["hh_rlhf_harmless"]
+    assert list(settings) == [f"IAV alpha={a:g}" for a in ALPHAS] + ["DPO + LoRA"]
+    assert all(len(texts) == 2 for texts in settings.values())
+    assert "safety_answers" not in saved["datasets"]["ultrafeedback"]
+    tokenizer = load_base_tokenizer(tiny_model)
+    pairs, _ = load_pairs([HH], tokenizer, config.max_length)
+    prompts = [row["prompt"] for row in split_pairs(pairs, config)["heldout"]][:2]
+    base = load_base_model(tiny_model).eval()
+    inputs = encode_prompts(tokenizer, prompts)
+    eos = tokenizer.eos_token_id
+    out = base.generate(
+        **inputs, do_sample=False, max_new_tokens=3, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
+    new = out[:, inputs["input_ids"].shape[1] :]
+    assert settings["IAV alpha=0"] == decode_completions(tokenizer, new, completion_mask(new, eos))
+
+
+def test_safety_prompts_are_held_out_distinct_and_by_source(tiny_model, tmp_path):
+    helpful = tmp_path / "helpful-base-test.jsonl"
+    rows = [json.loads(line) for line in open(HH)]
+    # Other prompts (each first request rephrased), in a file named as HH-RLHF's helpful subsets are.
+    sides = ("chosen", "rejected")
+    rows = [{side: row[side].replace("Human: ", "Human: Please, ", 1) for side in sides} for row in rows]
+    helpful.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = load_base_tokenizer(tiny_model)
+    config = RealDataConfig(model=tiny_model, hh_rlhf=[HH, str(helpful)], num_train=4, num_validation=8)
+    config.num_heldout = 8
+    pairs, _ = load_pairs(config.data_paths("hh_rlhf"), tokenizer, 128)
+    assert len(pairs) >= 20
+    splits = {"hh_rlhf": split_pairs(pairs, config)}
+    chosen = safety_prompts(dataclasses.replace(config, safety_prompts=3), splits)
+    helpful_prompts = {json.dumps(row["prompt"]) for row in load_pairs([str(helpful)], tokenizer, 128)[0]}
+    assert list(chosen) == ["hh_rlhf_harmless", "hh_rlhf_helpful"]
+    held_out = {json.dumps(prompt) for prompt in splits["hh_rlhf"]["heldout"]["prompt"]}
+    trained = {json.dumps(prompt) for prompt in splits["hh_rlhf"]["train"]["prompt"]}
+    for source, prompts in chosen.items():
+        keys = [json.dumps(prompt) for prompt in prompts]
+        assert 0 < len(keys) == len(set(keys)) <= 3 and set(keys) <= held_out and not set(keys) & trained
+        assert all((key in helpful_prompts) == (source == "hh_rlhf_helpful") for key in keys)
 
 
 def test_iav_at_alpha_zero_ties_every_pair_and_spends_no_kl(miniature):
@@ -237,7 +286,9 @@ def test_a_spawned_training_run_reports_its_own_time_and_memory_and_its_report_f
     splits = {"train": pairs.select(range(4)), "validation": pairs.select(range(4, 6))}
     splits["heldout"] = pairs.select(range(6, 9))
     # As for PKU-SafeRLHF (CC BY-NC 4.0): the record never quotes a held-out prompt.
-    run = train_isolated(config, "iav", 1e-2, splits, [row["prompt"] for row in splits["validation"]], False)
+    others = [row["prompt"] for row in splits["validation"]]
+    prompt_sets = {"ultrafeedback": others, "safety": {"pku_saferlhf": others[:1]}}
+    run = train_isolated(config, "iav", 1e-2, splits, prompt_sets, False)
     assert run["steps"] == 2 and run["train_seconds"] > 0
     assert run["abs_peak_mb"] >= run["rss_before_train_mb"] > 0
     report = run["report"]
@@ -247,6 +298,9 @@ def test_a_spawned_training_run_reports_its_own_time_and_memory_and_its_report_f
     assert [row["setting"] for row in report["kl_on_ultrafeedback_prompts"]] == ["IAV alpha=1"]
     assert len(report["generations"]) == len(report["generations_on_ultrafeedback_prompts"]) == 1
     assert report["generations"][0]["prompt"] is None and len(report["generations"][0]["responses"]) == 5
+    assert {setting: len(texts) for setting, texts in report["safety_answers"]["pku_saferlhf"].items()} == {
+        f"IAV alpha={a:g}": 1 for a in config.iav_alphas
+    }
     text = json.dumps(run)  # a record: plain JSON
     assert all(message["content"] not in text for row in splits["heldout"] for message in row["prompt"])
 

@@ -52,6 +52,8 @@ MINIATURE = dict(
     speed_rounds=1,
     num_generation_prompts=2,
     generation_new_tokens=4,
+    safety_prompts=2,
+    safety_new_tokens=3,
 )
 
 

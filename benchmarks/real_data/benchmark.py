@@ -39,7 +39,11 @@ PKU-SafeRLHF (safe-vs-unsafe pairs, several per prompt) and GPT-4-LLM (both CC B
    in one process on fresh weights of each method's shapes (the cost of a decoding step does not depend on trained
    values).
 6. Greedy generations for `num_generation_prompts` held-out prompts at each alpha next to DPO's and GenARM's, and for
-   the HH-RLHF-trained models on as many UltraFeedback held-out prompts.
+   the HH-RLHF-trained models on as many UltraFeedback held-out prompts. Safety answers: the HH-RLHF- and
+   PKU-SafeRLHF-trained IAV (every alpha) and DPO + LoRA answer, greedily, `safety_prompts` held-out prompts per
+   source (`safety_prompts()`: harmful requests from HH-RLHF harmless-base and PKU-SafeRLHF, harmless ones from
+   HH-RLHF helpful and GPT-4-LLM; none in any training split), recorded as `safety_answers` for the safety
+   evaluation (CC BY-NC prompts by position only).
 7. The bar, per dataset: IAV's held-out accuracy at alpha 1 >= DPO + LoRA's; IAV's training time <= 0.3x and peak
    memory (process high-water mark) <= 0.5x DPO + LoRA's; accuracy (win rate, ties as half) and margin rise with
    alpha from 0 to 1 (never fall, and end higher); the paired bootstrap 95% interval of IAV's held-out win rate at
@@ -109,6 +113,14 @@ DATASETS = {
 }
 REQUIRED = ("hh_rlhf", "ultrafeedback")  # the others are read from a path when given (CC BY-NC: never shipped)
 NONCOMMERCIAL = ("pku_saferlhf", "gpt4_llm")  # CC BY-NC 4.0: their text is never written into the results
+# The safety evaluation: its prompt sources (harmful requests, harmless ones) and the datasets whose models answer.
+SAFETY_SOURCES = {
+    "hh_rlhf_harmless": "harmful",
+    "pku_saferlhf": "harmful",
+    "hh_rlhf_helpful": "harmless",
+    "gpt4_llm": "harmless",
+}
+SAFETY_TRAINED = ("hh_rlhf", "pku_saferlhf")
 SPLITS = ("train", "validation", "heldout")
 LEARNING_RATES = {"iav": "iav_learning_rates", "dpo_lora": "dpo_learning_rates", "genarm": "genarm_learning_rates"}
 TIME_BAR, MEMORY_BAR = 0.3, 0.5  # IAV's training time and peak memory, at most these fractions of DPO + LoRA's
@@ -225,6 +237,15 @@ class RealDataConfig:
     speed_new_tokens: int = field(default=32, metadata={"help": "New tokens per prompt when timing."})
     speed_rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds (each decoder's best counts)."})
     num_generation_prompts: int = field(default=3, metadata={"help": "Prompts of the greedy generation tables."})
+    safety_prompts: int = field(
+        default=48,
+        metadata={
+            "help": "Held-out prompts per source of the safety answers (harmful: HH-RLHF harmless-base, "
+            "PKU-SafeRLHF; harmless: HH-RLHF helpful, GPT-4-LLM), answered by the HH-RLHF- and PKU-SafeRLHF-"
+            "trained IAV (every alpha) and DPO + LoRA."
+        },
+    )
+    safety_new_tokens: int = field(default=48, metadata={"help": "Maximum new tokens of a safety answer."})
     generation_new_tokens: int = field(default=48, metadata={"help": "Maximum new tokens of a greedy generation."})
 
     def __post_init__(self) -> None:
@@ -256,17 +277,18 @@ class RealDataConfig:
         method: str,
         learning_rate: float,
         splits: dict[str, Dataset],
-        other_prompts: Sequence[list[dict[str, str]]] | None = None,
+        prompt_sets: dict[str, Any] | None = None,
     ) -> str:
         """What a training run's record depends on, hashed: its settings and the evaluation's, its training,
-        validation and held-out pairs (and `other_prompts`, where its KL and generations are also measured), the
-        library versions and, for IAV, `IAVConfig`'s own defaults (the head and the loss it trains with)."""
+        validation and held-out pairs (and `prompt_sets`, the other prompts it answers), the library versions and,
+        for IAV, `IAVConfig`'s own defaults (the head and the loss it trains with)."""
         settings = {
             name: getattr(self, name)
             for name in (
                 "model", "seed", "max_length", "batch_size", "epochs", "max_steps", "warmup_ratio", "beta",
                 "eval_batch_size", "isolate_training", "iav_alphas", "genarm_alpha", "kl_prompts", "kl_samples",
                 "kl_new_tokens", "sample_batch_size", "num_generation_prompts", "generation_new_tokens",
+                "safety_new_tokens",
             )
         }  # fmt: skip
         pairs = {name: [json.dumps(row, sort_keys=True) for row in splits[name]] for name in SPLITS}
@@ -281,7 +303,7 @@ class RealDataConfig:
         }
         text = json.dumps(
             {"method": method, "learning_rate": learning_rate, **settings, "versions": versions,
-             "iav_defaults": iav_defaults, "pairs": pairs, "other_prompts": other_prompts},
+             "iav_defaults": iav_defaults, "pairs": pairs, "prompt_sets": prompt_sets},
         )  # fmt: skip
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -326,6 +348,37 @@ def load_pairs(paths: Sequence[str], tokenizer, max_length: int) -> tuple[Datase
     counts = {"pairs": len(pairs), "distinct_prompts": len(prompts), "fitting": len(keep)}
     pairs = pairs.select(keep)
     return pairs, counts | {"fitting_prompts": len({prompt_key(prompt) for prompt in pairs["prompt"]})}
+
+
+def safety_prompts(config: RealDataConfig, splits: dict[str, dict[str, Dataset]]) -> dict[str, list]:
+    """
+    The safety evaluation's held-out prompts, `config.safety_prompts` distinct ones per source (fewer where fewer
+    are held out; a source with none is left out), in held-out order, by source (`SAFETY_SOURCES`): HH-RLHF's
+    held-out prompts split by the file they came from (a file named `*harmless*` holds the harmless-base subset's
+    red-team requests, the others its helpful ones), and PKU-SafeRLHF's and GPT-4-LLM's where given. A prompt that
+    is in any dataset's training split is left out, so that no answering model was trained on it.
+    """
+    harmful_files = [path for path in config.data_paths("hh_rlhf") if "harmless" in os.path.basename(path)]
+    harmful = {prompt_key(prompt) for path in harmful_files for prompt in load_preference_dataset(path)["prompt"]}
+    sources = {
+        "hh_rlhf_harmless": ("hh_rlhf", lambda key: key in harmful),
+        "pku_saferlhf": ("pku_saferlhf", lambda key: True),
+        "hh_rlhf_helpful": ("hh_rlhf", lambda key: key not in harmful),
+        "gpt4_llm": ("gpt4_llm", lambda key: True),
+    }
+    trained = {prompt_key(prompt) for split in splits.values() for prompt in split["train"]["prompt"]}
+    chosen = {}
+    for source, (dataset, belongs) in sources.items():
+        if dataset not in splits:
+            continue
+        prompts: dict[str, Any] = {}
+        for prompt in splits[dataset]["heldout"]["prompt"]:
+            key = prompt_key(prompt)
+            if belongs(key) and key not in trained and len(prompts) < config.safety_prompts:
+                prompts.setdefault(key, prompt)
+        if prompts:
+            chosen[source] = list(prompts.values())
+    return chosen
 
 
 def prompt_key(prompt: Any) -> str:
@@ -397,13 +450,13 @@ def train_grid(
     runs_dir: str,
     label: str,
     clock: Clock,
-    other_prompts: Sequence[list[dict[str, str]]] | None = None,
+    prompt_sets: dict[str, Any] | None = None,
     quote_prompts: bool = True,
     budget: RunBudget | None = None,
 ) -> dict[str, Any]:
     """
     Train `method` at every learning rate of its grid (`train_run`: each run also computes its report figures on
-    the held-out split and `other_prompts`) and choose the run with the highest validation accuracy (ties: the
+    the held-out split and `prompt_sets`) and choose the run with the highest validation accuracy (ties: the
     lowest validation loss); only the validation scores choose. Returns every run's time, memory and validation
     scores, and the chosen run's report figures (`report`).
 
@@ -417,7 +470,7 @@ def train_grid(
     os.makedirs(runs_dir, exist_ok=True)
     for learning_rate in config.learning_rates(method):
         name = f"{label}: {METHODS[method]} at learning rate {learning_rate:g}"
-        key = config.run_key(method, learning_rate, splits, other_prompts)
+        key = config.run_key(method, learning_rate, splits, prompt_sets)
         record = os.path.join(runs_dir, f"{method}-{learning_rate:g}-{key}.json")
         if os.path.isfile(record):
             with open(record) as fh:
@@ -427,7 +480,7 @@ def train_grid(
             if budget is not None:
                 budget.spend(name)
             progress(clock, f"train {name}")
-            runs.append(train(config, method, learning_rate, splits, other_prompts, quote_prompts))
+            runs.append(train(config, method, learning_rate, splits, prompt_sets, quote_prompts))
             with open(record + ".tmp", "w") as fh:
                 json.dump(runs[-1], fh, indent=1, ensure_ascii=False)
                 fh.write("\n")
@@ -503,6 +556,11 @@ def evaluate_dataset(
         results["generations_on_ultrafeedback_prompts"] = merged_generations(
             [reports[method]["generations_on_ultrafeedback_prompts"] for method in METHODS]
         )
+    if "safety_answers" in reports["iav"]:  # every setting's answers, by source (`SAFETY_SOURCES`)
+        results["safety_answers"] = {
+            source: {**answers, **reports["dpo_lora"]["safety_answers"][source]}
+            for source, answers in reports["iav"]["safety_answers"].items()
+        }
     progress(clock, f"{label}: decoding speed")
     base = load_model(config.model)
     iav, dpo, arm = get_iav_model(load_model(config.model)).eval(), load_model(config.model), load_model(config.model)
@@ -661,11 +719,15 @@ def run(config: RealDataConfig) -> dict[str, Any]:
     clock("load the model and the pairs")
     results: dict[str, Any] = {"model": model_facts, "data": data, "datasets": {}}
     other_prompts = [row["prompt"] for row in splits["ultrafeedback"]["heldout"]]
+    safety = safety_prompts(config, splits)
+    results["safety_prompts"] = {source: len(prompts) for source, prompts in safety.items()}
     runs_dir = os.path.join(ROOT, config.runs_dir)
     budget = RunBudget(config.max_new_runs)
     for dataset in config.datasets():
         label = DATASETS[dataset]
-        others = other_prompts if dataset == "hh_rlhf" else None
+        prompt_sets = {"ultrafeedback": other_prompts} if dataset == "hh_rlhf" else {}
+        if dataset in SAFETY_TRAINED:
+            prompt_sets["safety"] = safety
         grids = {
             method: train_grid(
                 config,
@@ -674,7 +736,7 @@ def run(config: RealDataConfig) -> dict[str, Any]:
                 os.path.join(runs_dir, dataset),
                 label,
                 clock,
-                others,
+                prompt_sets,
                 quote_prompts=dataset not in NONCOMMERCIAL,
                 budget=budget,
             )

@@ -209,13 +209,13 @@ def train_run(
     method: str,
     learning_rate: float,
     splits: dict[str, Dataset],
-    other_prompts: Sequence[list[dict[str, str]]] | None = None,
+    prompt_sets: dict[str, Any] | None = None,
     quote_prompts: bool = True,
 ) -> dict[str, Any]:
     """
     Train `method` at `learning_rate` on `splits["train"]`, evaluate it on `splits["validation"]` (the method's own
     implicit reward at its training strength), then compute its `report_figures` on `splits["heldout"]` (and
-    `other_prompts`; `quote_prompts` as there). Memory is measured as in `train_step.py`: the peak-RSS mark is
+    `prompt_sets`; `quote_prompts` as there). Memory is measured as in `train_step.py`: the peak-RSS mark is
     reset right before `trainer.train()`, so `train_peak_mb` is what training added on top of the loaded model and
     trainer; `abs_peak_mb` is the process's high-water mark (taken before the report figures).
     """
@@ -251,7 +251,7 @@ def train_run(
         release_memory()
         # The report's figures from the saved head or adapter in a fresh base model, as a user would load it.
         model = load_trained(method, save_dir, load_model(config.model))
-        figures = report_figures(config, method, model, tokenizer, splits["heldout"], other_prompts, quote_prompts)
+        figures = report_figures(config, method, model, tokenizer, splits["heldout"], prompt_sets, quote_prompts)
     del model
     release_memory()
     return {
@@ -471,6 +471,8 @@ def decoding_settings(
 
 # The settings whose KL and generations are also reported on UltraFeedback's prompts for the HH-RLHF-trained models.
 CROSS_DATASET_KL = ("IAV alpha=1", "DPO + LoRA")
+# The methods whose answers to the safety prompts are recorded: IAV at every alpha, and DPO + LoRA as one point.
+SAFETY_METHODS = ("iav", "dpo_lora")
 
 
 def report_figures(
@@ -479,7 +481,7 @@ def report_figures(
     model: IAVModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     heldout: Dataset,
-    other_prompts: Sequence[list[dict[str, str]]] | None = None,
+    prompt_sets: dict[str, Any] | None = None,
     quote_prompts: bool = True,
 ) -> dict[str, Any]:
     """
@@ -491,8 +493,11 @@ def report_figures(
     - `kl`: KL per token to the base model of each decoding setting (`decoding_settings`), sampled on the first
       `config.kl_prompts` held-out prompts (`sample_kl`);
     - `generations`: greedy responses of each setting to the first `config.num_generation_prompts` held-out prompts;
-    - with `other_prompts` (UltraFeedback's held-out prompts, for the HH-RLHF-trained models), the same KL for the
-      settings of `CROSS_DATASET_KL` and the same generations on those prompts.
+    - with `prompt_sets["ultrafeedback"]` (UltraFeedback's held-out prompts, for the HH-RLHF-trained models), the
+      same KL for the settings of `CROSS_DATASET_KL` and the same generations on those prompts;
+    - with `prompt_sets["safety"]` (`{source: prompts}`, harmful and harmless requests held out from every
+      training split) and a method of `SAFETY_METHODS`: `safety_answers`, every setting's greedy answer to each
+      prompt (`config.safety_new_tokens` tokens at most), by source, in the order of the prompts (never quoted).
 
     A DPO or GenARM `model` is merged into its base weights for decoding: do not use it afterwards.
     """
@@ -518,9 +523,17 @@ def report_figures(
         "kl": [kl(setting, prompts) for setting in settings],
         "generations": generations(decoders, tokenizer, prompts[:count], new_tokens, quote_prompts),
     }
-    if other_prompts is not None:
-        figures["kl_on_ultrafeedback_prompts"] = [kl(s, other_prompts) for s in settings if s in CROSS_DATASET_KL]
-        figures["generations_on_ultrafeedback_prompts"] = generations(
-            decoders, tokenizer, list(other_prompts[:count]), new_tokens
-        )
+    prompt_sets = prompt_sets or {}
+    if "ultrafeedback" in prompt_sets:
+        other = prompt_sets["ultrafeedback"]
+        figures["kl_on_ultrafeedback_prompts"] = [kl(s, other) for s in settings if s in CROSS_DATASET_KL]
+        figures["generations_on_ultrafeedback_prompts"] = generations(decoders, tokenizer, other[:count], new_tokens)
+    if "safety" in prompt_sets and method in SAFETY_METHODS:
+        figures["safety_answers"] = {
+            source: {
+                setting: greedy_completions(decoder, tokenizer, prompts, config.safety_new_tokens)
+                for setting, decoder in decoders.items()
+            }
+            for source, prompts in prompt_sets["safety"].items()
+        }
     return figures
