@@ -73,7 +73,9 @@ def _arguments(
         per_device_eval_batch_size=config.eval_batch_size,
         lr_scheduler_type="linear",
         warmup_steps=config.warmup_ratio,
-        gradient_checkpointing=False,
+        gradient_checkpointing=None,  # off (DPOConfig's default is on) under the current name, which does not warn
+        activation_checkpointing=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
         bf16=False,
         max_length=config.max_length,
         seed=config.seed,
