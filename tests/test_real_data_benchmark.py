@@ -39,7 +39,7 @@ from benchmarks.real_data.methods import (
     train_run,
 )
 from benchmarks.train_step import maxrss_mb
-from iav_trl import get_iav_model
+from iav_trl import get_iav_model, load_preference_dataset
 from iav_trl.inference.iav_inference import completion_mask, decode_completions, encode_prompts
 from iav_trl.models.base_models import load_base_model, load_base_tokenizer
 
@@ -47,12 +47,33 @@ from iav_trl.models.base_models import load_base_model, load_base_tokenizer
 FIGURES = dict(kl_prompts=2, kl_samples=1, kl_new_tokens=4, num_generation_prompts=1, generation_new_tokens=4)
 
 
+PKU_MARK = "PKU-style request: "
+
+
 @pytest.fixture(scope="module")
-def miniature(tiny_model, tmp_path_factory):
+def noncommercial(tmp_path_factory):
+    """A stand-in for PKU-SafeRLHF (CC BY-NC, read from a path): TRL standard-format rows, each one marked request
+    (the HH-RLHF fixture's last user turn) and two answers."""
+    path = tmp_path_factory.mktemp("pku") / "safe-vs-unsafe.jsonl"
+    rows = [
+        {
+            "prompt": PKU_MARK + row["prompt"][-1]["content"],
+            "chosen": row["chosen"][-1]["content"],
+            "rejected": row["rejected"][-1]["content"],
+        }
+        for row in load_preference_dataset(HH)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def miniature(tiny_model, tmp_path_factory, noncommercial):
     config = RealDataConfig(
         model=tiny_model,
         hh_rlhf=[HH],
         ultrafeedback=[ULTRAFEEDBACK],
+        pku_saferlhf=[noncommercial],
         output_dir=str(tmp_path_factory.mktemp("results")),
         runs_dir=str(tmp_path_factory.mktemp("runs")),
         **MINIATURE,
@@ -81,7 +102,7 @@ def _numbers(value, path="results"):
 def test_every_section_is_there_with_finite_numbers(miniature):
     config, saved, _ = miniature
     assert {"config", "environment", "model", "data", "datasets", "bar", "wall_time_s"} <= set(saved)
-    assert list(saved["datasets"]) == ["hh_rlhf", "ultrafeedback"]  # the CC BY-NC sets only when given a path
+    assert list(saved["datasets"]) == ["hh_rlhf", "ultrafeedback", "pku_saferlhf"]  # no GPT-4-LLM path given
     for dataset in saved["datasets"]:
         figures = saved["datasets"][dataset]
         assert {"tuning", "training", "heldout", "kl", "decode_speed", "generations"} <= set(figures)
@@ -114,13 +135,16 @@ def test_the_hh_rlhf_models_answer_every_safety_prompt_at_every_setting(miniatur
     """IAV at each alpha and DPO + LoRA answer the held-out safety prompts; IAV at alpha 0 answers as the base model
     does greedily (`generate` with the head off), an independent reference."""
     config, saved, _ = miniature
-    assert saved["safety_prompts"] == {"hh_rlhf_harmless": 2}  # the fixture is harmless-base: no helpful prompts
-    answers = saved["datasets"]["hh_rlhf"]["safety_answers"]
-    assert list(answers) == ["hh_rlhf_harmless"]
-    settings = answers["hh_rlhf_harmless"]
-    assert list(settings) == [f"IAV alpha={a:g}" for a in ALPHAS] + ["DPO + LoRA"]
-    assert all(len(texts) == 2 for texts in settings.values())
+    # The HH-RLHF fixture is harmless-base: no helpful prompts; no GPT-4-LLM path.
+    assert saved["safety_prompts"] == {"hh_rlhf_harmless": 2, "pku_saferlhf": 2}
+    for dataset in ("hh_rlhf", "pku_saferlhf"):
+        answers = saved["datasets"][dataset]["safety_answers"]
+        assert list(answers) == ["hh_rlhf_harmless", "pku_saferlhf"]
+        for settings in answers.values():
+            assert list(settings) == [f"IAV alpha={a:g}" for a in ALPHAS] + ["DPO + LoRA"]
+            assert all(len(texts) == 2 for texts in settings.values())
     assert "safety_answers" not in saved["datasets"]["ultrafeedback"]
+    settings = saved["datasets"]["hh_rlhf"]["safety_answers"]["hh_rlhf_harmless"]
     tokenizer = load_base_tokenizer(tiny_model)
     pairs, _ = load_pairs([HH], tokenizer, config.max_length)
     prompts = [row["prompt"] for row in split_pairs(pairs, config)["heldout"]][:2]
@@ -186,8 +210,17 @@ def test_every_method_trains_the_same_pairs_for_the_same_steps(miniature):
         assert [run["learning_rate"] for run in tuning["iav"]["runs"]] == config.iav_learning_rates
         best = max(tuning["iav"]["runs"], key=lambda run: (run["validation"]["accuracy"], -run["validation"]["loss"]))
         assert tuning["iav"]["chosen_learning_rate"] == best["learning_rate"]
-        assert data["train"] + data["validation"] + data["heldout"] <= data["fitting"] < 24  # scaled down to fit
-    assert saved["data"]["hh_rlhf"]["train"] == 13 * 16 // 24
+        assert data["train"] + data["validation"] + data["heldout"] <= min(data["fitting"], 24)
+    assert saved["data"]["hh_rlhf"]["train"] == 13 * 16 // 24  # 13 pairs fit: scaled down
+
+
+def test_a_noncommercial_dataset_s_text_is_never_written(miniature):
+    """PKU-SafeRLHF's prompts (CC BY-NC) are referred to by position: no request of it is in the JSON or the report."""
+    _, saved, report = miniature
+    assert PKU_MARK not in json.dumps(saved) and PKU_MARK not in report
+    assert [entry["prompt"] for entry in saved["datasets"]["pku_saferlhf"]["generations"]] == [None, None]
+    assert "Held-out prompt 0 (CC BY-NC 4.0: not quoted here)" in report
+    assert saved["datasets"]["hh_rlhf"]["generations"][0]["prompt"]  # MIT data is quoted
 
 
 def test_report_has_each_dataset_and_the_bar(miniature):
@@ -195,7 +228,7 @@ def test_report_has_each_dataset_and_the_bar(miniature):
     for dataset in saved["datasets"]:
         assert f"### {DATASETS[dataset]}" in report
     assert "### Pooled" in report and "paired bootstrap 95% interval" in report
-    assert "### Bar" in report and report.count("| PASS |") + report.count("| FAIL |") == 13
+    assert "### Bar" in report and report.count("| PASS |") + report.count("| FAIL |") == 18
     assert isinstance(saved["bar"]["passed"], bool)
     for dataset in saved["datasets"]:
         assert len([name for name in saved["bar"][dataset] if name != "passed"]) == 5
