@@ -60,13 +60,14 @@ trains at most N new runs, the longest methods first (`TRAINING_ORDER`), records
 
 Budget: on 2 CPU cores a training step of 8 pairs of up to 192 tokens takes about 5 s for IAV (one gradient-free
 backbone pass), 25 s for DPO + LoRA (backward through the backbone, plus the reference pass) and 20 s for GenARM's
-reward model. The defaults (1024 / 256 / 1000 pairs: 128 steps a run; UltraFeedback's 107 fitting pairs split
-53 / 26 / 26; three IAV learning rates, two for the others) need about 1 hour per DPO + LoRA run and 45 minutes per
-GenARM run on HH-RLHF alone: several hours, in stages. The first edition (128 / 64 / 256 pairs of the harmless
-sample, about 1 hour 45 minutes: the committed `real_data_benchmark.json` until the second edition's run lands) is
-this module's defaults at commit `ad7715b`. The held-out evaluation grows with
-`num_heldout`: DPO's policy and its reference and GenARM each run the backbone over every held-out pair, and IAV
-once for all its alphas.
+reward model (estimates from short runs). The defaults (1024 / 256 / 1000 pairs: 128 steps a run; UltraFeedback's
+107 fitting pairs split 71 / 17 / 17; three IAV learning rates, two for the others) take longer: the first DPO +
+LoRA run on HH-RLHF (learning rate 5e-4, 2 idle cores) had not finished its 128 training steps after 80 minutes, so
+count on more than 1 hour 30 minutes per DPO + LoRA run with its evaluation, and 28 runs in all: many stages. The
+first edition (128 / 64 / 256 pairs of the harmless sample, about 1 hour 45 minutes: the committed
+`real_data_benchmark.json` until the second edition's run lands) is this module's defaults at commit `ad7715b`. The
+held-out evaluation grows with `num_heldout`: DPO's policy and its reference and GenARM each run the backbone over
+every held-out pair, and IAV once for all its alphas.
 
 Writes `real_data_benchmark.json` (every figure, the settings, each run's learning rate and validation scores) and
 `real_data_benchmark.md` (the tables) into `output_dir`.
