@@ -564,7 +564,8 @@ def evaluate_dataset(
         }
     progress(clock, f"{label}: decoding speed")
     base = load_model(config.model)
-    iav, dpo, arm = get_iav_model(load_model(config.model)).eval(), load_model(config.model), load_model(config.model)
+    # The head wraps `base` (whose own calls stay the base model's), as `IAVModel.from_pretrained` does.
+    iav, dpo, arm = get_iav_model(base).eval(), load_model(config.model), load_model(config.model)
     prompts = [row["prompt"] for row in splits["heldout"]]
     speed_inputs = encode_prompts(tokenizer, prompts[: config.speed_prompts])
     speed_decoders = {

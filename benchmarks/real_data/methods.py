@@ -533,9 +533,9 @@ def report_figures(
     if "safety" in prompt_sets and method in SAFETY_METHODS:
         figures["safety_answers"] = {
             source: {
-                setting: greedy_completions(decoder, tokenizer, prompts, config.safety_new_tokens)
+                setting: greedy_completions(decoder, tokenizer, requests, config.safety_new_tokens)
                 for setting, decoder in decoders.items()
             }
-            for source, prompts in prompt_sets["safety"].items()
+            for source, requests in prompt_sets["safety"].items()
         }
     return figures
